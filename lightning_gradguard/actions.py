@@ -1,0 +1,142 @@
+"""Responses that change training: clip, skip, scheduler-proof LR reduction, rollback.
+
+Each is a small unit that knows nothing of detection or Lightning:
+
+* :func:`clip_` multiplies the gradients by a device scalar (no host sync);
+* :func:`skip_` drops a step by setting gradients to ``None`` (torch optimizers
+  then leave the weights *and* their state alone; zeroing would not: momentum,
+  Adam moments and weight decay would still move the weights);
+* :class:`LRScale` scales the learning rate inside ``optimizer.step`` through
+  step pre/post hooks, so no scheduler ever sees (or overwrites) the factor;
+* :class:`Snapshots` keeps recent known-good model and optimizer state in host
+  memory and restores it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["LRScale", "Snapshots", "clip_", "skip_"]
+
+
+def _grads(params: Iterable[torch.nn.Parameter]) -> list[Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def clip_(params: Iterable[torch.nn.Parameter], coef: Tensor) -> None:
+    """Multiply every gradient by ``coef`` (a device scalar, at most 1) in place, one foreach kernel per dtype."""
+    groups: dict[tuple, list[Tensor]] = {}
+    for g in _grads(params):
+        groups.setdefault((g.device, g.dtype, g.is_sparse), []).append(g)
+    for (device, dtype, sparse), grads in groups.items():
+        c = coef.to(device=device, dtype=dtype)
+        if sparse:
+            for g in grads:
+                g.mul_(c)
+        else:
+            torch._foreach_mul_(grads, c)
+
+
+def skip_(optimizer: torch.optim.Optimizer) -> None:
+    """Drop this step's update: every gradient of ``optimizer`` becomes ``None``."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+class LRScale:
+    """A multiplier on an optimizer's learning rates that survives every scheduler.
+
+    The factor is applied in a step pre-hook and undone in the post-hook, so
+    ``param_group["lr"]`` holds the scheduler's value at all other times and
+    ``LambdaLR``, ``OneCycleLR``, ``CyclicLR`` and restarts keep their shape,
+    scaled.
+
+    >>> p = torch.nn.Parameter(torch.ones(1))
+    >>> opt = torch.optim.SGD([p], lr=1.0)
+    >>> scale = LRScale(opt)
+    >>> scale.value = 0.5
+    >>> p.grad = torch.ones(1)
+    >>> opt.step()
+    >>> p.item(), opt.param_groups[0]["lr"]
+    (0.5, 1.0)
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.value = 1.0
+        self._saved: list = []
+        self._handles = (
+            optimizer.register_step_pre_hook(self._pre),
+            optimizer.register_step_post_hook(self._post),
+        )
+
+    def _pre(self, optimizer, args, kwargs) -> None:
+        self._saved = []
+        if self.value == 1.0:
+            return
+        for group in optimizer.param_groups:
+            lr = group["lr"]
+            self._saved.append(lr)
+            group["lr"] = lr.mul(self.value) if isinstance(lr, Tensor) else lr * self.value
+
+    def _post(self, optimizer, args, kwargs) -> None:
+        for group, lr in zip(optimizer.param_groups, self._saved):
+            group["lr"] = lr
+        self._saved = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class Snapshots:
+    """Recent known-good copies of a module's and an optimizer's state, in host memory.
+
+    Holds at most ``keep`` snapshots; memory is ``keep`` x (weights + buffers +
+    optimizer state), e.g. 2 x 3 x the weights for Adam.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._snaps: deque[tuple[int, dict, dict]] = deque(maxlen=keep)
+
+    def __len__(self) -> int:
+        return len(self._snaps)
+
+    @property
+    def steps(self) -> list[int]:
+        return [s for s, _, _ in self._snaps]
+
+    def take(self, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        opt_state = _to_cpu(optimizer.state_dict())
+        self._snaps.append((step, model_state, opt_state))
+
+    def restore(self, before_step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
+        """Load the newest snapshot taken at or before ``before_step``; its step, or ``None`` if there is none."""
+        for step, model_state, opt_state in reversed(self._snaps):
+            if step <= before_step:
+                module.load_state_dict(model_state)
+                optimizer.load_state_dict(copy.deepcopy(opt_state))
+                # drop the newer ones: they may hold the damage we are undoing
+                while self._snaps and self._snaps[-1][0] > step:
+                    self._snaps.pop()
+                return step
+        return None
+
+
+def _to_cpu(obj):
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)

@@ -1,0 +1,789 @@
+"""``GradGuard``: the Lightning callback. A thin adapter over stats, detectors and actions.
+
+Data flows one way, once per optimizer step, in ``on_before_optimizer_step``
+(after accumulation, the DDP all-reduce and AMP unscaling, before the Trainer's
+own clipping)::
+
+    gradients -> grad_stats (device) -> TrendDetector (device) -> ONE host sync
+              -> events -> actions (clip / skip / reduce_lr / rollback / stop / raise)
+                        -> sinks (Lightning loggers, Python logging)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_gradguard.actions import LRScale, Snapshots, clip_, skip_
+from lightning_gradguard.config import check_choice, check_number, check_responses
+from lightning_gradguard.detectors import REPORT_ROWS, Code, DetectorConfig, Row, TrendDetector
+from lightning_gradguard.events import GradEvent, GradientHealthError, Response
+from lightning_gradguard.stats import GradStats, LayerPlan, grad_stats
+
+__all__ = ["GradGuard"]
+
+log = logging.getLogger("lightning_gradguard")
+
+Responses = Response | Sequence[Response]
+
+
+@dataclass
+class _Watch:
+    """Everything the guard keeps for one optimizer."""
+
+    index: int
+    plan: LayerPlan
+    detector: TrendDetector
+    lr_scale: LRScale | None = None
+    snapshots: Snapshots | None = None
+    # host-side latches: last step each (code bit, series) fired, for one event per incident
+    last_fired: dict[int, np.ndarray] = field(default_factory=dict)
+    overflow_streak: int = 0
+    rollbacks_in_a_row: int = 0
+    last_lr_change: int = -(10**9)
+    healthy_since: int = 0
+    counts: dict[str, int] = field(
+        default_factory=lambda: dict(steps=0, clipped=0, skipped=0, amp_overflows=0, lr_reductions=0, rollbacks=0)
+    )
+
+    def series_name(self, i: int) -> str | None:
+        return None if i == 0 else self.plan.layers[i - 1]
+
+
+class GradGuard(Callback):
+    r"""Watch gradient health every optimizer step; detect, respond, log.
+
+    Add it to any Trainer: ``Trainer(callbacks=[GradGuard()])``. With no
+    arguments it skips steps with NaN/Inf gradients (so they never reach the
+    weights), clips exploding gradients to an adaptive threshold, and warns
+    about all three conditions.
+
+    Args:
+        on_nonfinite: response(s) to NaN/Inf gradients: a name or a sequence of
+            names from ``"log"``, ``"alert"``, ``"skip"``, ``"reduce_lr"``,
+            ``"rollback"``, ``"stop"``, ``"raise"``.
+        on_exploding: response(s) to a spike, sustained growth or a ceiling:
+            any of the above or ``"clip"``.
+        on_vanishing: response(s) to vanishing/dead layers: ``"log"``,
+            ``"alert"``, ``"stop"``, ``"raise"``.
+        log_every_n_steps: cadence of metric logging; ``None`` follows
+            ``Trainer(log_every_n_steps=...)``. Steps with events are always logged.
+        log_layers: per-layer metrics: ``"all"`` layers, ``"topk"`` (the
+            ``top_k`` largest and ``top_k`` smallest norms at each logged step),
+            or ``"none"``.
+        top_k: see ``log_layers``.
+        group_depth: a layer is the module owning the parameters
+            (``encoder.layers.0.linear1``); with ``group_depth=3`` layers are
+            grouped by their first three name components (``encoder.layers.0``),
+            for models with thousands of tensors.
+        param_stats_every_n_steps: cadence of parameter norms and
+            update-to-weight ratios (one extra pass over the weights); ``None``
+            means at logged steps when per-layer logging is on, ``0`` never.
+        warmup_steps: steps before the running level is trusted for spikes
+            (before it, a spike is a norm ``warmup_spike_ratio`` x the largest seen).
+        spike_zscore: a spike is this many robust deviations above the running
+            level (log10 space)...
+        spike_min_ratio: ...and at least this many times the level.
+        warmup_spike_ratio: see ``warmup_steps``.
+        growth_window: sustained growth is judged over this many steps...
+        growth_factor: ...and is reported when the running level grew this many
+            times within it.
+        growth_min_steps: growth is judged from this many steps on (over the
+            steps seen so far while fewer than ``growth_window``).
+        max_norm: optional absolute ceiling on the global norm (exploding, and
+            the clip threshold never exceeds it).
+        max_update_ratio: optional ceiling on any layer's update-to-weight
+            ratio ``lr * |g| / |w|`` (computes weight norms every step).
+        vanish_factor: a layer this many times below the median layer's norm...
+        vanish_drop: ...or this many times below its own peak...
+        vanish_floor: ...or at or below this absolute norm (``0``: only all-zero,
+            dead, gradients)...
+        vanish_patience: ...for this many steps in a row is vanishing, unless
+            the loss has converged (see ``converged_loss_ratio``).
+        converged_loss_ratio: the loss counts as converged, and small gradients
+            as expected, once its running level is below this fraction of its
+            initial level. Read from ``training_step``'s returned loss.
+        amp_overflow_patience: under a fp16 GradScaler, overflow steps are
+            normal (the scaler skips them); only this many in a row is reported.
+        lr_factor: ``"reduce_lr"`` multiplies the learning rate by this...
+        lr_cooldown: ...at most once per this many steps...
+        lr_min_scale: ...down to this fraction of the schedule's value.
+        lr_recover_after: if set, after this many healthy steps the scale is
+            divided by ``lr_factor`` again (gradually, back up to 1).
+        rollback_every: ``"rollback"`` takes a snapshot every this many healthy steps...
+        rollback_keep: ...keeps this many (host memory: ``rollback_keep`` x
+            (weights + optimizer state))...
+        rollback_margin: ...restores the newest one at least this many steps
+            older than the event (the damage often precedes the symptom)...
+        max_rollbacks: ...and stops training after this many rollbacks in a
+            row that did not help.
+        prefix: prefix of every logged key.
+
+    Logged keys (through ``trainer.loggers``, at the step Lightning logs its own
+    metrics; with several optimizers every key gets ``opt<i>/`` after the prefix):
+
+    - ``grad/norm_total``: global L2 norm of the gradients the optimizer is
+      about to apply (before any clipping), every logged step.
+    - ``grad/norm/<layer>``: per-layer L2 norm (subject to ``log_layers``).
+    - ``grad/max_abs/<layer>``, ``grad/max_abs_total``: largest ``|g|``.
+    - ``grad/param_norm/<layer>``, ``grad/update_ratio/<layer>``: weight norm
+      and ``lr * |g| / |w|``, at ``param_stats_every_n_steps``.
+    - ``grad/nonfinite_layers``: layers holding NaN/Inf this step.
+    - ``grad/events/<kind>``: events so far, per kind.
+    - ``grad/clip_coef``, ``grad/norm_clipped``: coefficient applied this step
+      and the global norm after clipping (``"clip"`` configured).
+    - ``grad/clipped_steps``, ``grad/skipped_steps``: steps so far.
+    - ``grad/lr_scale``, ``grad/lr``: the guard's LR multiplier and the
+      effective LR of the first param group (``"reduce_lr"`` configured).
+    - ``grad/rollbacks``: rollbacks so far (``"rollback"`` configured).
+    - ``grad/amp_overflows``: fp16 GradScaler overflow steps so far.
+
+    Attributes:
+        events: list of :class:`~lightning_gradguard.GradEvent`, oldest first.
+    """
+
+    def __init__(
+        self,
+        on_nonfinite: Responses = ("skip", "alert"),
+        on_exploding: Responses = ("clip", "alert"),
+        on_vanishing: Responses = "alert",
+        *,
+        log_every_n_steps: int | None = None,
+        log_layers: Literal["all", "topk", "none"] = "topk",
+        top_k: int = 5,
+        group_depth: int | None = None,
+        param_stats_every_n_steps: int | None = None,
+        warmup_steps: int = 10,
+        spike_zscore: float = 6.0,
+        spike_min_ratio: float = 4.0,
+        warmup_spike_ratio: float = 100.0,
+        growth_window: int = 50,
+        growth_factor: float = 10.0,
+        growth_min_steps: int = 5,
+        max_norm: float | None = None,
+        max_update_ratio: float | None = None,
+        vanish_factor: float = 1e4,
+        vanish_drop: float = 1e3,
+        vanish_floor: float = 0.0,
+        vanish_patience: int = 50,
+        converged_loss_ratio: float = 0.01,
+        amp_overflow_patience: int = 20,
+        lr_factor: float = 0.5,
+        lr_cooldown: int = 50,
+        lr_min_scale: float = 0.01,
+        lr_recover_after: int | None = None,
+        rollback_every: int = 50,
+        rollback_keep: int = 2,
+        rollback_margin: int = 10,
+        max_rollbacks: int = 3,
+        prefix: str = "grad/",
+    ) -> None:
+        super().__init__()
+        self.on_nonfinite = check_responses("on_nonfinite", "nonfinite", on_nonfinite)
+        self.on_exploding = check_responses("on_exploding", "exploding", on_exploding)
+        self.on_vanishing = check_responses("on_vanishing", "vanishing", on_vanishing)
+        self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, low=1, integer=True, optional=True)
+        self.log_layers = check_choice("log_layers", log_layers, ("all", "topk", "none"))
+        self.top_k = check_number("top_k", top_k, low=1, integer=True)
+        self.group_depth = check_number("group_depth", group_depth, low=1, integer=True, optional=True)
+        self.param_stats_every_n_steps = check_number(
+            "param_stats_every_n_steps", param_stats_every_n_steps, low=0, integer=True, optional=True
+        )
+        positive = dict(low=0, low_open=True)
+        above_one = dict(low=1, low_open=True)
+        self.config = DetectorConfig(
+            warmup_steps=check_number("warmup_steps", warmup_steps, low=1, integer=True),
+            spike_zscore=check_number("spike_zscore", spike_zscore, **positive),
+            spike_min_ratio=check_number("spike_min_ratio", spike_min_ratio, **above_one),
+            warmup_spike_ratio=check_number("warmup_spike_ratio", warmup_spike_ratio, **above_one),
+            growth_window=check_number("growth_window", growth_window, low=2, integer=True),
+            growth_factor=check_number("growth_factor", growth_factor, **above_one),
+            growth_min_steps=check_number(
+                "growth_min_steps", growth_min_steps, low=1, high=growth_window, integer=True,
+                hint="It cannot exceed `growth_window`.",
+            ),
+            max_norm=check_number("max_norm", max_norm, optional=True, **positive),
+            max_update_ratio=check_number("max_update_ratio", max_update_ratio, optional=True, **positive),
+            vanish_factor=check_number("vanish_factor", vanish_factor, **above_one),
+            vanish_drop=check_number("vanish_drop", vanish_drop, **above_one),
+            vanish_floor=check_number("vanish_floor", vanish_floor, low=0),
+            vanish_patience=check_number("vanish_patience", vanish_patience, low=1, integer=True),
+        )
+        self.converged_loss_ratio = check_number("converged_loss_ratio", converged_loss_ratio, high=1, **positive)
+        self.amp_overflow_patience = check_number("amp_overflow_patience", amp_overflow_patience, low=1, integer=True)
+        self.lr_factor = check_number("lr_factor", lr_factor, low=0, low_open=True, high=1)
+        if self.lr_factor == 1:
+            raise ValueError("`lr_factor` must be below 1 to reduce the learning rate, got 1.")
+        self.lr_cooldown = check_number("lr_cooldown", lr_cooldown, low=0, integer=True)
+        self.lr_min_scale = check_number("lr_min_scale", lr_min_scale, high=1, **positive)
+        self.lr_recover_after = check_number("lr_recover_after", lr_recover_after, low=1, integer=True, optional=True)
+        self.rollback_every = check_number("rollback_every", rollback_every, low=1, integer=True)
+        self.rollback_keep = check_number("rollback_keep", rollback_keep, low=1, integer=True)
+        self.rollback_margin = check_number("rollback_margin", rollback_margin, low=0, integer=True)
+        self.max_rollbacks = check_number("max_rollbacks", max_rollbacks, low=1, integer=True)
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"`prefix` must be a non-empty string such as 'grad/', got {prefix!r}.")
+        self.prefix = prefix
+
+        self.events: list[GradEvent] = []
+        self._watches: dict[int, _Watch] = {}
+        self._opt_index: dict[int, int] = {}  # id(optimizer) -> index in trainer.optimizers
+        self._pending_state: dict[int, dict] = {}  # loaded before the optimizers exist
+        self._event_counts = {"nonfinite": 0, "exploding": 0, "vanishing": 0}
+        # running loss level on the device (the vanishing gate); see on_train_batch_end
+        self._loss_seen = 0
+        self._loss_first: Tensor | None = None
+        self._loss_fast: Tensor | None = None
+        self._loss_ring: Tensor | None = None  # loss level over the last growth_window steps
+        self._loss_last_finite: Tensor | None = None
+        self._scaler: Any = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        plugin = trainer.precision_plugin
+        self._scaler = getattr(plugin, "scaler", None)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            return
+        self._observe_loss(loss.detach().float().reshape(()))
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        watch = self._watch(trainer, pl_module, optimizer)
+        step = trainer.global_step
+        log_step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs its own metrics at
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        logging_on = bool(trainer.loggers)
+        is_log_step = logging_on and (log_step + 1) % every == 0
+        param_every = self.param_stats_every_n_steps
+        if self.config.max_update_ratio is not None:
+            param_step = True
+        elif param_every is None:
+            param_step = is_log_step and self.log_layers != "none"
+        else:
+            param_step = logging_on and param_every > 0 and (log_step + 1) % param_every == 0
+
+        stats = grad_stats(
+            watch.plan,
+            max_abs=is_log_step,
+            param_norms=param_step,
+            lrs=self._lrs(watch, optimizer) if param_step else None,
+            grad_scale=self._unscaled_factor(optimizer),
+        )
+        if stats is None:
+            return
+        report = watch.detector.update(
+            *_series(stats),
+            converged=self._converged(),
+            update_ratio=_series_row(stats.update_ratio, stats),
+            worsening=self._worsening(),
+        )
+        rows = [report]
+        if is_log_step:
+            rows.append(_series_row(stats.max_abs, stats, total="max")[None])
+        if param_step:
+            rows.append(_series_row(stats.param_norm, stats, total="l2")[None])
+        # THE host sync of this step (one device->host copy of a few floats per layer):
+        # events, actions and logging all need the numbers on the host.
+        host = torch.cat(rows).cpu().numpy()
+        watch.counts["steps"] += 1
+
+        events = self._findings(watch, host, step)
+        clip_coef = self._respond(trainer, pl_module, optimizer, watch, host, events, step)
+        if is_log_step or events:
+            self._log(trainer, watch, host, is_log_step, param_step, clip_coef, log_step)
+        for event in events:
+            if "raise" in event.actions:
+                raise GradientHealthError(event.message, tuple(events))
+
+    # ------------------------------------------------------------------ per-optimizer state
+    def _watch(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> _Watch:
+        index = self._opt_index.get(id(optimizer))
+        if index is None:
+            index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), len(self._opt_index))
+            self._opt_index[id(optimizer)] = index
+        watch = self._watches.get(index)
+        if watch is None:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+            plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), depth=self.group_depth, only=params)
+            device = params[0].device if params else torch.device("cpu")
+            detector = TrendDetector(self.config, plan.num_layers + 1, device)
+            watch = _Watch(index, plan, detector)
+            if "reduce_lr" in self.on_nonfinite + self.on_exploding:
+                watch.lr_scale = LRScale(optimizer)
+            if "rollback" in self.on_nonfinite + self.on_exploding:
+                watch.snapshots = Snapshots(self.rollback_keep)
+            self._restore_watch(watch)
+            self._watches[index] = watch
+        return watch
+
+    def _lrs(self, watch: _Watch, optimizer: torch.optim.Optimizer) -> list[float]:
+        scale = watch.lr_scale.value if watch.lr_scale else 1.0
+        # a tensor lr (capturable optimizers) costs a sync here; only at the param-stats cadence
+        lr_of = {id(p): float(g["lr"]) * scale for g in optimizer.param_groups for p in g["params"]}
+        return [lr_of.get(id(p), 0.0) for p in watch.plan.params]
+
+    def _unscaled_factor(self, optimizer: torch.optim.Optimizer) -> Tensor | None:
+        """The loss scale still inside the gradients, for optimizers that unscale in their own step."""
+        scaler = self._scaler
+        if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return None
+        return getattr(scaler, "_scale", None)
+
+    # ------------------------------------------------------------------ loss gate (device)
+    def _observe_loss(self, loss: Tensor) -> None:
+        finite = torch.isfinite(loss)
+        if self._loss_first is None:
+            self._loss_first = torch.where(finite, loss, torch.nan)
+            self._loss_fast = self._loss_first.clone()
+        first, fast = self._loss_first, self._loss_fast
+        if self._loss_seen < self.config.warmup_steps:
+            # the initial level is the mean of the first warmup_steps finite losses
+            mean = torch.where(torch.isnan(first), loss, first + (loss - first) / (self._loss_seen + 1))
+            self._loss_first = torch.where(finite, mean, first)
+        blended = torch.where(torch.isnan(fast), loss, fast + 0.1 * (loss - fast))
+        self._loss_fast = torch.where(finite, blended, fast)
+        # a non-finite loss is the worst loss: keep it in the latest level the growth gate reads
+        self._loss_last_finite = finite
+        if self._loss_ring is None:
+            self._loss_ring = torch.full((self.config.growth_window,), torch.nan, device=loss.device)
+        self._loss_ring[self._loss_seen % self.config.growth_window] = self._loss_fast
+        self._loss_seen += 1
+
+    def _worsening(self) -> Tensor | None:
+        """Device bool: the loss level is no better than ``growth_window`` steps ago (or the loss is NaN/Inf)."""
+        if self._loss_ring is None:
+            return None
+        w = self.config.growth_window
+        oldest = self._loss_ring[self._loss_seen % w] if self._loss_seen >= w else self._loss_ring[0]
+        return ~self._loss_last_finite | (self._loss_fast >= oldest)
+
+    def _converged(self) -> Tensor | None:
+        if self._loss_first is None:
+            return None
+        first = self._loss_first
+        return (first > 0) & (self._loss_fast < self.converged_loss_ratio * first)
+
+    # ------------------------------------------------------------------ detection -> events (host)
+    def _fired(self, watch: _Watch, bit: int, flags: np.ndarray, step: int, quiet: int) -> np.ndarray:
+        """Series that newly fired ``bit``: flagged now and not within the last ``quiet`` steps."""
+        last = watch.last_fired.setdefault(bit, np.full(flags.shape, -(10**9), dtype=np.int64))
+        new = flags & (step - last > quiet)
+        last[flags] = step
+        return new
+
+    def _findings(self, watch: _Watch, host: np.ndarray, step: int) -> list[GradEvent]:
+        code = host[Row.CODE].astype(np.int64)
+        if not code.any():
+            watch.overflow_streak = 0
+            return []
+        c = self.config
+        events: list[GradEvent] = []
+        norm = host[Row.NORM]
+        order = np.arange(1, len(code))
+
+        nonfinite = (code & Code.NONFINITE) > 0
+        if nonfinite.any():
+            layers = [i for i in order if nonfinite[i]] or [0]
+            if self._scaler is not None:
+                # fp16 loss scaling: the GradScaler skips this step and lowers its scale; expected
+                watch.counts["amp_overflows"] += 1
+                watch.overflow_streak += 1
+                if watch.overflow_streak == self.amp_overflow_patience:
+                    events.append(self._event(
+                        watch, step, "nonfinite", "amp_overflow", layers, float(watch.overflow_streak),
+                        float(self.amp_overflow_patience),
+                        f"{watch.overflow_streak} fp16 overflow steps in a row (GradScaler scale collapsing); "
+                        f"first non-finite layer {_q(watch.series_name(layers[0]))}",
+                    ))
+            else:
+                first = layers[0]
+                what = "NaN" if np.isnan(norm[first]) else "Inf"
+                names = ", ".join(_q(watch.series_name(i)) for i in layers[:5])
+                more = f" and {len(layers) - 5} more" if len(layers) > 5 else ""
+                events.append(self._event(
+                    watch, step, "nonfinite", what.lower(), layers, float(norm[first]), math.inf,
+                    f"non-finite gradients ({what}) in {len(layers)} layer{'s' if len(layers) > 1 else ''}: "
+                    f"{names}{more}; global norm {_f(norm[0])}",
+                ))
+        else:
+            watch.overflow_streak = 0
+
+        for bit, reason in ((Code.CEILING, "max_norm"), (Code.SPIKE, "spike"), (Code.UPDATE_RATIO, "update_ratio")):
+            flags = (code & bit) > 0
+            if flags.any():
+                events.append(self._exploding(watch, host, step, reason, _worst_first(flags, host, reason)))
+        grew = self._fired(watch, Code.GROWTH, (code & Code.GROWTH) > 0, step, c.growth_window)
+        if grew.any():
+            events.append(self._exploding(watch, host, step, "growth", _worst_first(grew, host, "growth")))
+
+        vanish = (code & Code.VANISH) > 0
+        new = self._fired(watch, Code.VANISH, vanish, step, c.vanish_patience)
+        if new.any():
+            events.append(self._vanishing(watch, host, step, new, vanish))
+        return events
+
+    def _exploding(self, watch: _Watch, host: np.ndarray, step: int, reason: str, series: list[int]) -> GradEvent:
+        c = self.config
+        i = series[0]
+        norm, level, scale = host[Row.NORM, i], host[Row.LEVEL, i], host[Row.SCALE, i]
+        where = _where(watch, i)
+        if reason == "spike":
+            value, threshold = float(norm), float(host[Row.SPIKE_AT, i])
+            if np.isfinite(level) and host[Row.SCALE, i] > 0 and watch.detector.steps > c.warmup_steps:
+                sigmas = (math.log10(max(norm, 1e-30)) - level) / max(scale, c.min_scale)
+                text = (f"{where} {_f(norm)} is {sigmas:.0f} sigma above its running level {_f(10**level)} "
+                        f"(threshold {c.spike_zscore:g} sigma and {c.spike_min_ratio:g}x, i.e. {_f(threshold)})")
+            else:
+                text = (f"{where} {_f(norm)} jumped above {_f(threshold)}, {c.warmup_spike_ratio:g}x the largest "
+                        f"norm seen in the first steps")
+        elif reason == "growth":
+            base = host[Row.GROWTH_BASE, i]
+            value, threshold = float(10 ** (host[Row.FAST, i] - base)), c.growth_factor
+            text = (f"{where} grew {value:.3g}x within {c.growth_window} steps (running level {_f(10**base)} -> "
+                    f"{_f(10**host[Row.FAST, i])}; threshold {c.growth_factor:g}x)")
+        elif reason == "max_norm":
+            value, threshold = float(norm), float(c.max_norm)
+            text = f"{where} {_f(norm)} exceeds max_norm {_f(threshold)}"
+        else:
+            value, threshold = float(host[Row.UPDATE_RATIO, i]), float(c.max_update_ratio)
+            text = f"update-to-weight ratio of {_q(watch.series_name(i))} {_f(value)} exceeds max_update_ratio {_f(threshold)}"
+        others = len(series) - 1
+        if others:
+            text += f"; {others} more layer{'s' if others > 1 else ''} also flagged"
+        return self._event(watch, step, "exploding", reason, series, value, threshold, text)
+
+    def _vanishing(self, watch: _Watch, host: np.ndarray, step: int, new: np.ndarray, flagged: np.ndarray) -> GradEvent:
+        c = self.config
+        code = host[Row.CODE].astype(np.int64)
+        series = _worst_first(new, host, "vanishing")
+        i = series[0]
+        fast = float(10 ** host[Row.FAST, i])
+        ref = float(10 ** host[Row.VANISH_REF, i])
+        where = _where(watch, i)
+        if code[i] & Code.DEAD and c.vanish_floor == 0:
+            reason, value, threshold = "dead", float(host[Row.NORM, i]), 0.0
+            text = f"{where} is exactly zero (dead)"
+        elif code[i] & Code.DEAD:
+            reason, value, threshold = "dead", float(host[Row.NORM, i]), c.vanish_floor
+            text = f"{where} {_f(value)} is at or below vanish_floor {_f(threshold)}"
+        elif code[i] & Code.REL:
+            reason, value, threshold = "relative", fast, ref / c.vanish_factor
+            text = (f"{where} {_f(fast)} is {ref / max(fast, 1e-30):.2g}x below the median layer {_f(ref)} "
+                    f"(threshold {c.vanish_factor:g}x)")
+        else:
+            reason, value, threshold = "drop", fast, ref / c.vanish_drop
+            text = f"{where} {_f(fast)} fell {ref / max(fast, 1e-30):.2g}x below its peak {_f(ref)} (threshold {c.vanish_drop:g}x)"
+        text += f" for {int(host[Row.STREAK, i])} steps while the loss has not converged"
+        total = int(flagged.sum())
+        if total > 1:
+            names = ", ".join(_q(watch.series_name(j)) for j in np.flatnonzero(flagged)[:5])
+            text += f"; {total} layers vanishing: {names}{' ...' if total > 5 else ''}"
+        return self._event(watch, step, "vanishing", reason, series, value, threshold, text)
+
+    def _event(self, watch, step, kind, reason, series, value, threshold, text) -> GradEvent:
+        layers = tuple(name for name in (watch.series_name(i) for i in series) if name is not None)
+        opt = f" (optimizer {watch.index})" if len(self._watches) > 1 or watch.index else ""
+        return GradEvent(
+            step=step, kind=kind, layer=layers[0] if layers else None, value=value, threshold=threshold,
+            actions=(), message=f"step {step}{opt}: {text}", reason=reason, optimizer=watch.index, layers=layers,
+        )
+
+    # ------------------------------------------------------------------ events -> actions
+    def _respond(self, trainer, pl_module, optimizer, watch: _Watch, host, events: list[GradEvent], step: int) -> float:
+        """Apply the configured responses; fill each event's ``actions``; return the clip coefficient applied."""
+        clip_coef = 1.0
+        if not events:
+            self._healthy_step(pl_module, optimizer, watch, step)
+            return clip_coef
+        configured = {"nonfinite": self.on_nonfinite, "exploding": self.on_exploding, "vanishing": self.on_vanishing}
+        wanted = {name for e in events for name in configured[e.kind]}
+        # amp overflow steps are skipped by the GradScaler itself; only persistent ones reach here
+        taken: dict[str, bool] = {}
+
+        if "rollback" in wanted and watch.snapshots is not None:
+            taken["rollback"] = self._rollback(trainer, pl_module, optimizer, watch, step, events)
+        if "skip" in wanted or taken.get("rollback"):
+            skip_(optimizer)
+            watch.counts["skipped"] += 1
+            taken["skip"] = True
+        elif "clip" in wanted:
+            clip_coef = self._clip(optimizer, watch, host, events)
+            taken["clip"] = clip_coef < 1.0
+        if "reduce_lr" in wanted and watch.lr_scale is not None:
+            taken["reduce_lr"] = self._reduce_lr(watch, step)
+        watch.healthy_since = step + 1
+
+        final = []
+        for e in events:
+            acts = [a for a in configured[e.kind] if a in ("log", "alert", "stop", "raise") or taken.get(a)]
+            if e.reason == "amp_overflow":
+                acts = [a for a in acts if a not in ("skip", "clip")]
+            suffix = f" -> {', '.join(acts)}" if acts else ""
+            final.append(GradEvent(**{**e.to_dict(), "actions": tuple(acts), "message": e.message + suffix}))
+        events[:] = final
+        for e in events:
+            self.events.append(e)
+            self._event_counts[e.kind] += 1
+            if "alert" in e.actions and trainer.is_global_zero:
+                log.warning("GradGuard: %s", e.message)
+            if "stop" in e.actions:
+                # gradients are identical on every rank here (after the all-reduce), so every
+                # rank takes this same decision; agree anyway in case a strategy shards them
+                trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
+                log.warning("GradGuard stopped training: %s", e.message)
+        return clip_coef
+
+    def _clip(self, optimizer, watch: _Watch, host: np.ndarray, events: list[GradEvent]) -> float:
+        """Clip to the adaptive threshold: globally if the global norm is over it, else the flagged layers."""
+        norm, limit = host[Row.NORM], host[Row.SPIKE_AT].copy()
+        if self.config.max_norm is not None:
+            limit[0] = min(limit[0], self.config.max_norm)
+        over = np.isfinite(norm) & (norm > limit)
+        if over[0]:
+            coef = float(limit[0] / norm[0])
+            # the coefficient is a host float we already hold: no further sync
+            clip_(watch.plan.params, torch.tensor(coef))
+            watch.counts["clipped"] += 1
+            return coef
+        layers = np.flatnonzero(over[1:])
+        for j in layers:
+            params = [p for p, l in zip(watch.plan.params, watch.plan.layer_of_param) if l == j]
+            clip_(params, torch.tensor(float(limit[j + 1] / norm[j + 1])))
+        if len(layers):
+            watch.counts["clipped"] += 1
+            return float(np.min(limit[1:][layers] / norm[1:][layers]))
+        return 1.0
+
+    def _reduce_lr(self, watch: _Watch, step: int) -> bool:
+        scale = watch.lr_scale
+        if step - watch.last_lr_change < self.lr_cooldown or scale.value <= self.lr_min_scale:
+            return False
+        scale.value = max(scale.value * self.lr_factor, self.lr_min_scale)
+        watch.last_lr_change = step
+        watch.counts["lr_reductions"] += 1
+        return True
+
+    def _rollback(self, trainer, pl_module, optimizer, watch: _Watch, step: int, events) -> bool:
+        if watch.rollbacks_in_a_row >= self.max_rollbacks:
+            if not trainer.should_stop:
+                trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
+                log.warning(
+                    "GradGuard stopped training at step %d: %d rollbacks in a row did not help (%s)",
+                    step, watch.rollbacks_in_a_row, events[0].message,
+                )
+            return False
+        restored = watch.snapshots.restore(step - self.rollback_margin, pl_module, optimizer)
+        if restored is None:
+            return False
+        watch.rollbacks_in_a_row += 1
+        watch.counts["rollbacks"] += 1
+        return True
+
+    def _healthy_step(self, pl_module, optimizer, watch: _Watch, step: int) -> None:
+        snaps = watch.snapshots
+        if snaps is not None and step % self.rollback_every == 0 and (
+            not len(snaps) or step - watch.healthy_since >= self.rollback_margin
+        ):
+            snaps.take(step, pl_module, optimizer)
+            watch.rollbacks_in_a_row = 0
+        scale = watch.lr_scale
+        if (
+            scale is not None and self.lr_recover_after is not None and scale.value < 1.0
+            and step - max(watch.healthy_since, watch.last_lr_change) >= self.lr_recover_after
+        ):
+            scale.value = min(1.0, scale.value / self.lr_factor)
+            watch.last_lr_change = step
+
+    # ------------------------------------------------------------------ logging
+    def _key(self, watch: _Watch, name: str) -> str:
+        opt = f"opt{watch.index}/" if len(self._watches) > 1 or watch.index else ""
+        return f"{self.prefix}{opt}{name}"
+
+    def _log(self, trainer, watch: _Watch, host, is_log_step, param_step, clip_coef, log_step) -> None:
+        k = lambda name: self._key(watch, name)  # noqa: E731
+        norm = host[Row.NORM]
+        metrics: dict[str, float] = {k("norm_total"): float(norm[0])}
+        metrics[k("nonfinite_layers")] = float(((host[Row.CODE, 1:].astype(np.int64) & Code.NONFINITE) > 0).sum())
+        for kind, n in self._event_counts.items():
+            metrics[k(f"events/{kind}")] = float(n)
+        if "clip" in self.on_exploding:
+            metrics[k("clip_coef")] = clip_coef
+            metrics[k("norm_clipped")] = float(norm[0]) * clip_coef
+            metrics[k("clipped_steps")] = float(watch.counts["clipped"])
+        if "skip" in self.on_nonfinite + self.on_exploding:
+            metrics[k("skipped_steps")] = float(watch.counts["skipped"])
+        if watch.lr_scale is not None:
+            metrics[k("lr_scale")] = watch.lr_scale.value
+            metrics[k("lr")] = float(trainer.optimizers[watch.index].param_groups[0]["lr"]) * watch.lr_scale.value
+        if watch.snapshots is not None:
+            metrics[k("rollbacks")] = float(watch.counts["rollbacks"])
+        if self._scaler is not None:
+            metrics[k("amp_overflows")] = float(watch.counts["amp_overflows"])
+        extra = REPORT_ROWS
+        if is_log_step:
+            max_abs = host[extra]
+            extra += 1
+            metrics[k("max_abs_total")] = float(max_abs[0])
+            for i in self._logged_layers(host):
+                name = watch.series_name(i)
+                metrics[k(f"norm/{name}")] = float(norm[i])
+                metrics[k(f"max_abs/{name}")] = float(max_abs[i])
+        if param_step:
+            param_norm = host[extra]
+            for i in self._logged_layers(host):
+                name = watch.series_name(i)
+                metrics[k(f"param_norm/{name}")] = float(param_norm[i])
+                if np.isfinite(host[Row.UPDATE_RATIO, i]):
+                    metrics[k(f"update_ratio/{name}")] = float(host[Row.UPDATE_RATIO, i])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=log_step)
+        trainer.callback_metrics[k("norm_total")] = torch.tensor(float(norm[0]))
+
+    def _logged_layers(self, host: np.ndarray) -> list[int]:
+        if self.log_layers == "none":
+            return []
+        n = host.shape[1] - 1
+        present = [i for i in range(1, n + 1) if host[Row.NORM, i] > 0 or not np.isfinite(host[Row.NORM, i])]
+        if self.log_layers == "all" or len(present) <= 2 * self.top_k:
+            return list(range(1, n + 1))
+        by_norm = sorted(range(1, n + 1), key=lambda i: np.nan_to_num(host[Row.NORM, i], nan=np.inf))
+        return sorted(set(by_norm[: self.top_k] + by_norm[-self.top_k :]))
+
+    # ------------------------------------------------------------------ checkpointing
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        watches = {}
+        for index, w in self._watches.items():
+            watches[index] = {
+                "layers": list(w.plan.layers),
+                "detector": w.detector.state_dict(),
+                "counts": dict(w.counts),
+                "overflow_streak": w.overflow_streak,
+                "lr_scale": w.lr_scale.value if w.lr_scale else 1.0,
+                "last_lr_change": w.last_lr_change,
+                "healthy_since": w.healthy_since,
+                "last_fired": {bit: v.tolist() for bit, v in w.last_fired.items()},
+            }
+        for index, pending in self._pending_state.items():
+            watches.setdefault(index, pending)
+        loss = loss_ring = None
+        if self._loss_first is not None:
+            loss = torch.stack([self._loss_first, self._loss_fast]).cpu()  # sync: checkpoint time only
+            loss_ring = self._loss_ring.cpu()  # sync: checkpoint time only
+        return {
+            "version": 1,
+            "events": [e.to_dict() for e in self.events],
+            "event_counts": dict(self._event_counts),
+            "watches": watches,
+            "loss": loss,
+            "loss_ring": loss_ring,
+            "loss_seen": self._loss_seen,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.events = [GradEvent.from_dict(e) for e in state_dict.get("events", [])]
+        self._event_counts = {**self._event_counts, **state_dict.get("event_counts", {})}
+        self._pending_state = {int(i): w for i, w in state_dict.get("watches", {}).items()}
+        self._watches = {}
+        self._opt_index = {}
+        loss = state_dict.get("loss")
+        if isinstance(loss, Tensor) and loss.numel() == 2:
+            self._loss_first, self._loss_fast = loss[0].clone(), loss[1].clone()
+            self._loss_last_finite = torch.tensor(True)
+        ring = state_dict.get("loss_ring")
+        if isinstance(ring, Tensor) and ring.numel() == self.config.growth_window:
+            self._loss_ring = ring.clone()
+        self._loss_seen = int(state_dict.get("loss_seen", 0))
+
+    def _restore_watch(self, watch: _Watch) -> None:
+        state = self._pending_state.pop(watch.index, None)
+        if not state:
+            return
+        if list(state.get("layers", [])) != list(watch.plan.layers):
+            log.warning("GradGuard: the model's layers changed since the checkpoint; detector state starts afresh")
+            return
+        watch.detector.load_state_dict(state.get("detector", {}))
+        watch.counts.update(state.get("counts", {}))
+        watch.overflow_streak = int(state.get("overflow_streak", 0))
+        watch.last_lr_change = int(state.get("last_lr_change", watch.last_lr_change))
+        watch.healthy_since = int(state.get("healthy_since", 0))
+        watch.last_fired = {int(b): np.asarray(v, dtype=np.int64) for b, v in state.get("last_fired", {}).items()}
+        if watch.lr_scale is not None:
+            watch.lr_scale.value = float(state.get("lr_scale", 1.0))
+        if self._loss_first is not None:
+            device = watch.detector.device
+            self._loss_first, self._loss_fast = self._loss_first.to(device), self._loss_fast.to(device)
+            self._loss_last_finite = self._loss_last_finite.to(device)
+            if self._loss_ring is not None:
+                self._loss_ring = self._loss_ring.to(device)
+
+
+# ---------------------------------------------------------------------- helpers
+def _series(stats: GradStats) -> tuple[Tensor, Tensor, Tensor]:
+    """Global + per-layer vectors (series 0 is global)."""
+    one = stats.present.new_ones(1)
+    norm = torch.cat([stats.total.reshape(1), stats.norm])
+    present = torch.cat([one, stats.present])
+    nonfinite = torch.cat([stats.nonfinite.any().reshape(1), stats.nonfinite])
+    return norm, present, nonfinite
+
+
+def _series_row(values: Tensor | None, stats: GradStats, total: str = "none") -> Tensor | None:
+    if values is None:
+        return None
+    if total == "max":
+        head = values.max().reshape(1)
+    elif total == "l2":
+        head = values.square().sum().sqrt().reshape(1)
+    else:
+        head = torch.full((1,), math.nan, device=values.device)
+    return torch.cat([head, values])
+
+
+def _worst_first(flags: np.ndarray, host: np.ndarray, reason: str) -> list[int]:
+    """Flagged series, the most severe first: a layer is named rather than the global norm when one is flagged."""
+    idx = [int(i) for i in np.flatnonzero(flags)]
+    if reason in ("spike", "max_norm"):
+        severity = host[Row.NORM] / np.maximum(host[Row.SPIKE_AT], 1e-30)
+    elif reason == "growth":
+        severity = host[Row.FAST] - host[Row.GROWTH_BASE]
+    elif reason == "update_ratio":
+        severity = host[Row.UPDATE_RATIO]
+    else:  # vanishing: the furthest below its reference
+        severity = host[Row.VANISH_REF] - host[Row.FAST]
+        severity = np.where((host[Row.CODE].astype(np.int64) & Code.DEAD) > 0, np.inf, severity)
+    layers = sorted((i for i in idx if i > 0), key=lambda i: -np.nan_to_num(severity[i], nan=-np.inf))
+    return layers + ([0] if 0 in idx else [])
+
+
+def _where(watch: _Watch, i: int) -> str:
+    return "global grad norm" if i == 0 else f"grad norm of {_q(watch.series_name(i))}"
+
+
+def _q(name: str | None) -> str:
+    return "global" if name is None else f"`{name}`"
+
+
+def _f(x: float) -> str:
+    return f"{x:.3g}" if np.isfinite(x) else str(x)

@@ -1,0 +1,77 @@
+"""Argument validation for ``GradGuard``: every bad value is refused at construction
+with a message that names the argument, shows the value and says what to do."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from lightning_gradguard.events import CONFLICTS, RESPONSES
+
+__all__ = ["check_number", "check_responses", "check_choice"]
+
+
+def _names(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def check_responses(arg: str, kind: str, value: Any) -> tuple[str, ...]:
+    """Normalise ``on_<kind>`` to a tuple of response names, refusing what makes no sense for ``kind``."""
+    allowed = [name for name, spec in RESPONSES.items() if kind in spec["kinds"]]
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, Sequence) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            f"`{arg}` must be a response name or a non-empty sequence of names, got {value!r}."
+            f" Choose from {_names(allowed)}."
+        )
+    out: list[str] = []
+    for name in names:
+        if name not in RESPONSES:
+            raise ValueError(f"`{arg}` got {name!r}, which is not a response. Choose from {_names(allowed)}.")
+        if kind not in RESPONSES[name]["kinds"]:
+            why = RESPONSES[name].get("why_not", {}).get(kind, f"it does not apply to {kind} gradients")
+            raise ValueError(f"`{arg}` got {name!r}: {why}. Choose from {_names(allowed)}.")
+        if name not in out:
+            out.append(name)
+    for pair, why in CONFLICTS.items():
+        if pair <= set(out):
+            a, b = sorted(pair)
+            raise ValueError(f"`{arg}` got both {a!r} and {b!r}: {why}.")
+    return tuple(out)
+
+
+def check_number(
+    arg: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    integer: bool = False,
+    optional: bool = False,
+    hint: str = "",
+) -> Any:
+    """Refuse a value that is not a (finite) number in range; ``optional`` lets ``None`` through."""
+    if value is None and optional:
+        return None
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+        raise ValueError(f"`{arg}` must be {kind}{' or None' if optional else ''}, got {value!r}.{_hint(hint)}")
+    if low is not None and (value <= low if low_open else value < low):
+        bound = f"greater than {low}" if low_open else f"at least {low}"
+        raise ValueError(f"`{arg}` must be {bound}, got {value!r}.{_hint(hint)}")
+    if high is not None and value > high:
+        raise ValueError(f"`{arg}` must be at most {high}, got {value!r}.{_hint(hint)}")
+    return value
+
+
+def check_choice(arg: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"`{arg}` must be one of {_names(choices)}, got {value!r}.")
+    return value
+
+
+def _hint(hint: str) -> str:
+    return f" {hint}" if hint else ""

@@ -1,0 +1,221 @@
+"""Gradient statistics computed on the device: plain PyTorch, no Lightning.
+
+A :class:`LayerPlan` maps an optimizer's parameters to *layers* (the module that
+owns them, ``encoder.layers.0.linear1``, optionally grouped coarser), once.
+:func:`grad_stats` then measures the gradients the optimizer is about to apply:
+
+* one ``torch._foreach_norm`` pass per (device, dtype) group gives every
+  tensor's L2 norm in float32;
+* an ``index_add_`` folds squared tensor norms into per-layer norms and the
+  global norm, and flags the layers that hold NaN/Inf;
+* optionally (at a cadence chosen by the caller, since each costs one more
+  pass) per-layer max ``|g|``, parameter norms and the update-to-weight ratio.
+
+Nothing here synchronises with the host: every result is a device tensor.
+Nothing allocates in proportion to the model: ``_foreach_norm`` reads the
+gradients in place and only the per-tensor scalars are materialised.
+
+The same code runs in a bare training loop::
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> plan = LayerPlan.from_named_parameters(net.named_parameters())
+    >>> plan.layers
+    ('0', '1')
+    >>> for p in net.parameters():
+    ...     p.grad = torch.zeros_like(p)
+    >>> net[0].weight.grad[0] = torch.tensor([3.0, 4.0])
+    >>> stats = grad_stats(plan)
+    >>> stats.total.item(), stats.norm.tolist()
+    (5.0, [5.0, 0.0])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["GradStats", "LayerPlan", "grad_stats", "layer_name"]
+
+_ROOT = "(root)"
+
+
+def layer_name(param_name: str, depth: int | None = None) -> str:
+    """The layer a parameter belongs to: its owning module's qualified name.
+
+    ``depth`` keeps only the first ``depth`` components, to group coarser.
+
+    >>> layer_name("encoder.layers.0.linear1.weight")
+    'encoder.layers.0.linear1'
+    >>> layer_name("encoder.layers.0.linear1.weight", depth=3)
+    'encoder.layers.0'
+    >>> layer_name("scale")
+    '(root)'
+    """
+    parts = param_name.split(".")[:-1]
+    if depth is not None:
+        parts = parts[:depth]
+    return ".".join(parts) or _ROOT
+
+
+@dataclass
+class LayerPlan:
+    """Which layer each parameter belongs to, in model order. Built once per optimizer."""
+
+    params: tuple[torch.nn.Parameter, ...]
+    param_names: tuple[str, ...]
+    layers: tuple[str, ...]
+    layer_of_param: tuple[int, ...]
+    # index tensors for the subsets of parameters that have gradients, keyed by
+    # the tuple of their positions (``None`` for "all of them", the usual case)
+    _index_cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_named_parameters(
+        cls,
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        depth: int | None = None,
+        only: Iterable[torch.nn.Parameter] | None = None,
+    ) -> LayerPlan:
+        """Plan for ``named_params`` (model order), restricted to ``only`` if given.
+
+        Parameters in ``only`` that have no name in ``named_params`` (not part of
+        the module) are kept, named ``param_<i>``.
+        """
+        named = [(n, p) for n, p in named_params]
+        if only is not None:
+            wanted = {id(p): p for p in only}
+            named = [(n, p) for n, p in named if id(p) in wanted]
+            known = {id(p) for _, p in named}
+            named += [(f"param_{i}", p) for i, p in enumerate(wanted.values()) if id(p) not in known]
+        seen: set[int] = set()
+        params, names, layer_ids, layers = [], [], [], {}
+        for name, p in named:
+            if id(p) in seen:  # shared (tied) parameters count once
+                continue
+            seen.add(id(p))
+            layer = layer_name(name, depth)
+            params.append(p)
+            names.append(name)
+            layer_ids.append(layers.setdefault(layer, len(layers)))
+        return cls(tuple(params), tuple(names), tuple(layers), tuple(layer_ids))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def index(self, positions: Sequence[int] | None, device: torch.device) -> Tensor:
+        """Layer index of each parameter in ``positions`` (``None``: all), cached on ``device``."""
+        key = (None if positions is None else tuple(positions), device)
+        cached = self._index_cache.get(key)
+        if cached is None:
+            ids = self.layer_of_param if positions is None else [self.layer_of_param[i] for i in positions]
+            cached = torch.tensor(ids, dtype=torch.long, device=device)
+            if len(self._index_cache) > 64:  # parameters with/without grads rarely vary; bound it anyway
+                self._index_cache.clear()
+            self._index_cache[key] = cached
+        return cached
+
+
+@dataclass
+class GradStats:
+    """Per-step gradient statistics, all float32 device tensors of shape ``[num_layers]``
+    except ``total`` (a scalar)."""
+
+    layers: tuple[str, ...]
+    norm: Tensor  # L2 norm of the layer's gradients (0 where it has none)
+    total: Tensor  # global L2 norm over every gradient
+    nonfinite: Tensor  # bool: the layer's gradients hold NaN or Inf
+    present: Tensor  # bool: the layer had at least one gradient this step
+    max_abs: Tensor | None = None  # max |g| in the layer
+    param_norm: Tensor | None = None  # L2 norm of the layer's weights
+    update_ratio: Tensor | None = None  # lr * grad norm / weight norm
+
+
+def _tensor_norms(tensors: list[Tensor], ord: float, device: torch.device) -> Tensor:
+    """Float32 norm of each tensor, one foreach kernel per (device, dtype), stacked on ``device``.
+
+    Sparse tensors are coalesced first (duplicate indices add up) and measured
+    by their values; they are rare (embeddings with ``sparse=True``).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype, t.is_sparse), []).append(i)
+    if len(groups) == 1:
+        (dev, _, sparse), _ = next(iter(groups.items()))
+        if not sparse:
+            out = torch._foreach_norm(tensors, ord, dtype=torch.float32)
+            return torch.stack(out).to(device)
+    ordered: list[Tensor | None] = [None] * len(tensors)
+    for (_, _, sparse), positions in groups.items():
+        members = [tensors[i] for i in positions]
+        if sparse:
+            norms = [torch.linalg.vector_norm(t.coalesce()._values(), ord, dtype=torch.float32) for t in members]
+        else:
+            norms = torch._foreach_norm(members, ord, dtype=torch.float32)
+        for i, n in zip(positions, norms):
+            ordered[i] = n.to(device)
+    return torch.stack(ordered)  # type: ignore[arg-type]
+
+
+def grad_stats(
+    plan: LayerPlan,
+    *,
+    max_abs: bool = False,
+    param_norms: bool = False,
+    lrs: Sequence[float] | None = None,
+    grad_scale: Tensor | None = None,
+) -> GradStats | None:
+    """Measure the gradients currently held by ``plan.params``; ``None`` if none has one.
+
+    Args:
+        max_abs: also compute each layer's max ``|g|`` (one more pass over the gradients).
+        param_norms: also compute each layer's weight norm, and, with ``lrs``, the
+            update-to-weight ratio (one pass over the weights).
+        lrs: the learning rate of each parameter of the plan (same order).
+        grad_scale: divide every statistic by this device scalar; for gradients
+            that are still multiplied by an AMP loss scale.
+    """
+    grads, positions = [], []
+    for i, p in enumerate(plan.params):
+        if p.grad is not None:
+            grads.append(p.grad)
+            positions.append(i)
+    if not grads:
+        return None
+    device = grads[0].device
+    n_layers = plan.num_layers
+    index = plan.index(None if len(positions) == len(plan.params) else positions, device)
+
+    tensor_norm = _tensor_norms(grads, 2.0, device)
+    if grad_scale is not None:
+        tensor_norm = tensor_norm / grad_scale.to(device=device, dtype=torch.float32)
+    zeros = torch.zeros(n_layers, dtype=torch.float32, device=device)
+    layer_sq = zeros.index_add(0, index, tensor_norm.square())
+    norm = layer_sq.sqrt()
+    total = layer_sq.sum().sqrt()
+    # a NaN/Inf anywhere in a tensor makes its norm NaN/Inf; count them per layer
+    nonfinite = zeros.index_add(0, index, (~torch.isfinite(tensor_norm)).float()) > 0
+    present = zeros.index_add(0, index, torch.ones_like(tensor_norm)) > 0
+    stats = GradStats(plan.layers, norm, total, nonfinite, present)
+
+    if max_abs:
+        tensor_max = _tensor_norms(grads, math.inf, device)
+        if grad_scale is not None:
+            tensor_max = tensor_max / grad_scale.to(device=device, dtype=torch.float32)
+        # scatter_reduce's amax propagates NaN, so a NaN layer reports NaN
+        stats.max_abs = zeros.scatter_reduce(0, index, tensor_max, "amax", include_self=True)
+    if param_norms:
+        weights = [plan.params[i].detach() for i in positions]
+        w_norm = _tensor_norms(weights, 2.0, device)
+        stats.param_norm = zeros.index_add(0, index, w_norm.square()).sqrt()
+        if lrs is not None:
+            # lr * |g| per tensor: scalars ride along as kernel arguments, no host->device copy
+            step = torch._foreach_mul(list(tensor_norm.unbind()), [float(lrs[i]) for i in positions])
+            update = zeros.index_add(0, index, torch.stack(step).square()).sqrt()
+            stats.update_ratio = update / stats.param_norm.clamp_min(torch.finfo(torch.float32).tiny)
+    return stats

@@ -1,0 +1,85 @@
+"""Tiny real models and data for the tests (sklearn's digits ship with scikit-learn: no download)."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+@functools.lru_cache(maxsize=1)
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+
+
+def digits_loader(batch_size: int = 32, n: int | None = 512, shuffle: bool = False) -> DataLoader:
+    x, y = digits()
+    if n is not None:
+        x, y = x[:n], y[:n]
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+
+
+class DigitsMLP(pl.LightningModule):
+    """A small classifier on load_digits; subclasses inject faults at known steps."""
+
+    def __init__(self, hidden: int = 32, lr: float = 1e-2, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 64
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.Tanh()]
+            width = hidden
+        layers.append(nn.Linear(width, 10))
+        self.net = nn.Sequential(*layers)
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=20,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+class NormRecorder(pl.Callback):
+    """Independent reference: global and per-module norms with torch.linalg, per step."""
+
+    def __init__(self) -> None:
+        self.total: dict[int, float] = {}
+        self.layers: dict[int, dict[str, float]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        step = trainer.global_step
+        self.total[step] = torch.linalg.vector_norm(torch.cat([g.flatten().double() for g in grads])).item()
+        per = {}
+        for name, module in pl_module.named_modules():
+            own = [p.grad.flatten().double() for p in module.parameters(recurse=False) if p.grad is not None]
+            if own:
+                per[name] = torch.linalg.vector_norm(torch.cat(own)).item()
+        self.layers[step] = per

@@ -1,0 +1,66 @@
+"""Every bad argument is refused at construction, naming the argument, the value and the fix."""
+
+import pytest
+
+from lightning_gradguard import GradGuard
+
+BAD = [
+    (dict(on_nonfinite="clip"), r"`on_nonfinite` got 'clip': clipping cannot repair NaN/Inf gradients.*use 'skip'"),
+    (dict(on_vanishing="clip"), r"`on_vanishing` got 'clip': clipping only ever shrinks gradients"),
+    (dict(on_vanishing="reduce_lr"), r"`on_vanishing` got 'reduce_lr': a smaller learning rate makes vanishing"),
+    (dict(on_vanishing=("alert", "skip")), r"`on_vanishing` got 'skip': vanishing is a trend"),
+    (dict(on_vanishing="rollback"), r"`on_vanishing` got 'rollback'"),
+    (dict(on_exploding="clipp"), r"`on_exploding` got 'clipp', which is not a response\. Choose from 'log', 'alert', 'clip'"),
+    (dict(on_exploding=("clip", "skip")), r"`on_exploding` got both 'clip' and 'skip': a skipped step has no gradients"),
+    (dict(on_nonfinite=("stop", "raise")), r"`on_nonfinite` got both 'raise' and 'stop'"),
+    (dict(on_exploding=()), r"`on_exploding` must be a response name or a non-empty sequence of names, got \(\)"),
+    (dict(on_exploding=3), r"`on_exploding` must be a response name or a non-empty sequence"),
+    (dict(log_every_n_steps=0), r"`log_every_n_steps` must be at least 1, got 0"),
+    (dict(log_every_n_steps=2.5), r"`log_every_n_steps` must be an integer or None, got 2.5"),
+    (dict(log_layers="some"), r"`log_layers` must be one of 'all', 'topk', 'none', got 'some'"),
+    (dict(top_k=0), r"`top_k` must be at least 1, got 0"),
+    (dict(group_depth=0), r"`group_depth` must be at least 1, got 0"),
+    (dict(param_stats_every_n_steps=-1), r"`param_stats_every_n_steps` must be at least 0, got -1"),
+    (dict(warmup_steps=0), r"`warmup_steps` must be at least 1, got 0"),
+    (dict(spike_zscore=0), r"`spike_zscore` must be greater than 0, got 0"),
+    (dict(spike_zscore=float("nan")), r"`spike_zscore` must be a number, got nan"),
+    (dict(spike_min_ratio=1), r"`spike_min_ratio` must be greater than 1, got 1"),
+    (dict(warmup_spike_ratio=0.5), r"`warmup_spike_ratio` must be greater than 1, got 0.5"),
+    (dict(growth_window=1), r"`growth_window` must be at least 2, got 1"),
+    (dict(growth_factor=1.0), r"`growth_factor` must be greater than 1, got 1.0"),
+    (dict(growth_min_steps=80), r"`growth_min_steps` must be at most 50, got 80. It cannot exceed `growth_window`"),
+    (dict(max_norm=-1.0), r"`max_norm` must be greater than 0, got -1.0"),
+    (dict(max_norm="1"), r"`max_norm` must be a number or None, got '1'"),
+    (dict(max_update_ratio=0), r"`max_update_ratio` must be greater than 0, got 0"),
+    (dict(vanish_factor=1), r"`vanish_factor` must be greater than 1, got 1"),
+    (dict(vanish_drop=0.1), r"`vanish_drop` must be greater than 1, got 0.1"),
+    (dict(vanish_floor=-1e-9), r"`vanish_floor` must be at least 0, got -1e-09"),
+    (dict(vanish_patience=0), r"`vanish_patience` must be at least 1, got 0"),
+    (dict(converged_loss_ratio=0), r"`converged_loss_ratio` must be greater than 0, got 0"),
+    (dict(converged_loss_ratio=2), r"`converged_loss_ratio` must be at most 1, got 2"),
+    (dict(amp_overflow_patience=0), r"`amp_overflow_patience` must be at least 1, got 0"),
+    (dict(lr_factor=1), r"`lr_factor` must be below 1 to reduce the learning rate, got 1"),
+    (dict(lr_factor=0), r"`lr_factor` must be greater than 0, got 0"),
+    (dict(lr_cooldown=-1), r"`lr_cooldown` must be at least 0, got -1"),
+    (dict(lr_min_scale=0), r"`lr_min_scale` must be greater than 0, got 0"),
+    (dict(lr_recover_after=0), r"`lr_recover_after` must be at least 1, got 0"),
+    (dict(rollback_every=0), r"`rollback_every` must be at least 1, got 0"),
+    (dict(rollback_keep=0), r"`rollback_keep` must be at least 1, got 0"),
+    (dict(rollback_margin=-1), r"`rollback_margin` must be at least 0, got -1"),
+    (dict(max_rollbacks=0), r"`max_rollbacks` must be at least 1, got 0"),
+    (dict(prefix=""), r"`prefix` must be a non-empty string such as 'grad/', got ''"),
+    (dict(top_k=True), r"`top_k` must be an integer, got True"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD, ids=[next(iter(k)) + "=" + repr(next(iter(k.values()))) for k, _ in BAD])
+def test_bad_argument_is_refused_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GradGuard(**kwargs)
+
+
+def test_defaults_and_normalisation():
+    g = GradGuard(on_exploding="raise", on_vanishing=["log", "log", "alert"])
+    assert g.on_exploding == ("raise",)
+    assert g.on_vanishing == ("log", "alert")
+    assert GradGuard().on_nonfinite == ("skip", "alert")

@@ -1,0 +1,67 @@
+"""A real Trainer with a CSVLogger: logged grad/ metrics equal independent references."""
+
+import csv
+import glob
+import math
+
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+
+from helpers import DigitsMLP, NormRecorder, digits_loader, trainer
+from lightning_gradguard import GradGuard
+
+
+def fit_and_read(tmp_path, guard, max_steps=12, **trainer_kwargs):
+    rec = NormRecorder()
+    t = trainer(max_steps=max_steps, logger=CSVLogger(tmp_path), callbacks=[rec, guard], **trainer_kwargs)
+    t.fit(DigitsMLP(), digits_loader())
+    (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
+    rows = [r for r in csv.DictReader(open(path)) if r.get("grad/norm_total")]
+    return rec, rows
+
+
+def test_norm_total_and_layers_match_reference_every_step(tmp_path):
+    rec, rows = fit_and_read(tmp_path, GradGuard(log_every_n_steps=1, log_layers="all"))
+    assert [int(r["step"]) for r in rows] == list(range(12))
+    for r in rows:
+        step = int(r["step"])
+        assert float(r["grad/norm_total"]) == pytest.approx(rec.total[step], rel=1e-5)
+        for layer, ref in rec.layers[step].items():
+            assert float(r[f"grad/norm/{layer}"]) == pytest.approx(ref, rel=1e-5)
+        assert float(r["grad/max_abs_total"]) > 0
+        assert float(r["grad/events/nonfinite"]) == 0
+
+
+def test_follows_trainer_log_every_n_steps(tmp_path):
+    rec, rows = fit_and_read(tmp_path, GradGuard(log_layers="none"), log_every_n_steps=4)
+    assert [int(r["step"]) for r in rows] == [3, 7, 11]
+    assert not any(k.startswith("grad/norm/") for k in rows[0])
+    for r in rows:
+        assert float(r["grad/norm_total"]) == pytest.approx(rec.total[int(r["step"])], rel=1e-5)
+
+
+def test_topk_limits_per_layer_keys(tmp_path):
+    guard = GradGuard(log_every_n_steps=1, log_layers="topk", top_k=1)
+    t = trainer(max_steps=3, logger=CSVLogger(tmp_path), callbacks=[guard])
+    t.fit(DigitsMLP(depth=6), digits_loader())
+    (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
+    for r in csv.DictReader(open(path)):
+        if r.get("grad/norm_total"):
+            logged = [k for k, v in r.items() if k.startswith("grad/norm/") and v]
+            assert len(logged) == 2  # the largest and the smallest layer norm of that step
+
+
+def test_param_norms_and_update_ratio_logged(tmp_path):
+    rec, rows = fit_and_read(tmp_path, GradGuard(log_every_n_steps=1, log_layers="all"), max_steps=3)
+    r = rows[0]
+    model_lr = 1e-2
+    ratio = float(r["grad/update_ratio/net.0"])
+    assert ratio == pytest.approx(model_lr * float(r["grad/norm/net.0"]) / float(r["grad/param_norm/net.0"]), rel=1e-4)
+
+
+def test_no_logger_means_no_logging_but_detection_runs(tmp_path):
+    guard = GradGuard()
+    trainer(max_steps=5, callbacks=[guard]).fit(DigitsMLP(), digits_loader())
+    assert guard.events == []
+    assert next(iter(guard._watches.values())).counts["steps"] == 5
+    assert math.isfinite(next(iter(guard._watches.values())).detector.level[0].item())

@@ -1,0 +1,50 @@
+"""Checkpoint round-trips (weights_only=True), and two guards side by side."""
+
+import torch
+
+from helpers import DigitsMLP, digits_loader, trainer
+from lightning_gradguard import GradEvent, GradGuard
+
+
+def test_state_round_trips_through_a_real_checkpoint(tmp_path):
+    guard = GradGuard()
+    t = trainer(max_steps=15, callbacks=[guard])
+    t.fit(DigitsMLP(), digits_loader())
+    guard.events.append(GradEvent(3, "exploding", "net.0", 9.0, 2.0, ("clip",), "step 3: ...", "spike"))
+    path = tmp_path / "ckpt.ckpt"
+    t.save_checkpoint(path)
+
+    ckpt = torch.load(path, weights_only=True)  # plain types only
+    state = ckpt["callbacks"][guard.state_key]
+    assert state["events"][0]["layer"] == "net.0"
+
+    resumed = GradGuard()
+    t2 = trainer(max_steps=20, callbacks=[resumed])
+    t2.fit(DigitsMLP(), digits_loader(), ckpt_path=path)
+    assert resumed.events[0] == guard.events[0]
+    w_old, w_new = guard._watches[0], resumed._watches[0]
+    assert w_new.counts["steps"] == 20 == w_old.counts["steps"] + 5
+    assert w_new.detector.steps == 20
+
+
+def test_load_state_dict_does_not_mutate_its_input_and_tolerates_old_keys():
+    guard = GradGuard()
+    state = {"events": [], "watches": {}}
+    before = repr(state)
+    guard.load_state_dict(state)
+    assert repr(state) == before
+    GradGuard().load_state_dict({})  # an old/empty checkpoint entry loads
+
+
+def test_two_guards_coexist(tmp_path):
+    a = GradGuard(prefix="grad/")
+    b = GradGuard(prefix="strict/", on_exploding="raise", on_vanishing="raise", on_nonfinite="raise")
+    assert a.state_key != b.state_key
+    t = trainer(max_steps=6, callbacks=[a, b], enable_checkpointing=False)
+    t.fit(DigitsMLP(), digits_loader())
+    path = tmp_path / "two.ckpt"
+    t.save_checkpoint(path)
+    states = torch.load(path, weights_only=True)["callbacks"]
+    assert a.state_key in states and b.state_key in states
+    for g in (a, b):
+        assert g._watches[0].counts["steps"] == 6
