@@ -27,7 +27,8 @@ from typing_extensions import override
 from lightning_gradguard.actions import LRScale, Snapshots, clip_, skip_
 from lightning_gradguard.config import check_choice, check_number, check_responses
 from lightning_gradguard.detectors import REPORT_ROWS, Code, DetectorConfig, Row, TrendDetector
-from lightning_gradguard.events import GradEvent, GradientHealthError, Response
+from lightning_gradguard.events import KINDS, GradEvent, GradientHealthError, Response
+from lightning_gradguard.sinks import GuardSink
 from lightning_gradguard.stats import GradStats, LayerPlan, grad_stats
 
 __all__ = ["GradGuard"]
@@ -35,6 +36,9 @@ __all__ = ["GradGuard"]
 log = logging.getLogger("lightning_gradguard")
 
 Responses = Response | Sequence[Response]
+
+
+_COUNTS = ("steps", "clipped", "skipped", "amp_overflows", "lr_reductions", "rollbacks")
 
 
 @dataclass
@@ -52,9 +56,7 @@ class _Watch:
     rollbacks_in_a_row: int = 0
     last_lr_change: int = -(10**9)
     healthy_since: int = 0
-    counts: dict[str, int] = field(
-        default_factory=lambda: dict(steps=0, clipped=0, skipped=0, amp_overflows=0, lr_reductions=0, rollbacks=0)
-    )
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
 
     def series_name(self, i: int) -> str | None:
         return None if i == 0 else self.plan.layers[i - 1]
@@ -128,6 +130,12 @@ class GradGuard(Callback):
         max_rollbacks: ...and stops training after this many rollbacks in a
             row that did not help.
         prefix: prefix of every logged key.
+        sinks: extra :class:`~lightning_gradguard.sinks.GuardSink` objects that
+            receive every step's norms, the logged metrics, events and the end
+            of fit (rank 0 only).
+        wandb: W&B alerts, pictures and run summary: ``None`` (default) adds
+            them when a ``WandbLogger`` is attached or a ``wandb.run`` is
+            active and ``wandb`` imports; ``False`` never; ``True`` requires it.
 
     Logged keys (through ``trainer.loggers``, at the step Lightning logs its own
     metrics; with several optimizers every key gets ``opt<i>/`` after the prefix):
@@ -187,6 +195,8 @@ class GradGuard(Callback):
         rollback_margin: int = 10,
         max_rollbacks: int = 3,
         prefix: str = "grad/",
+        sinks: Sequence[GuardSink] | None = None,
+        wandb: bool | None = None,
     ) -> None:
         super().__init__()
         self.on_nonfinite = check_responses("on_nonfinite", "nonfinite", on_nonfinite)
@@ -234,6 +244,15 @@ class GradGuard(Callback):
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"`prefix` must be a non-empty string such as 'grad/', got {prefix!r}.")
         self.prefix = prefix
+        sinks = list(sinks or [])
+        for sink in sinks:
+            if not isinstance(sink, GuardSink):
+                raise ValueError(f"`sinks` must hold GuardSink instances, got {sink!r}. Subclass lightning_gradguard.GuardSink.")
+        self.sinks: list[GuardSink] = sinks
+        if wandb not in (None, True, False):
+            raise ValueError(f"`wandb` must be None (automatic), True or False, got {wandb!r}.")
+        self.wandb = wandb
+        self._active_sinks: list[GuardSink] = []
 
         self.events: list[GradEvent] = []
         self._watches: dict[int, _Watch] = {}
@@ -258,6 +277,64 @@ class GradGuard(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         plugin = trainer.precision_plugin
         self._scaler = getattr(plugin, "scaler", None)
+        if stage != "fit":
+            return
+        active = list(self.sinks)
+        if self.wandb is not False and not any(type(s).__name__ == "WandbSink" for s in active):
+            from lightning_gradguard.integrations.wandb import WandbSink, wandb_run
+
+            if wandb_run(trainer) is not None:
+                active.append(WandbSink())
+            elif self.wandb:
+                raise ValueError(
+                    "`wandb=True` but no W&B run was found: attach a `WandbLogger` to the Trainer "
+                    "(or start `wandb.init()` before fit), or pass `wandb=None`."
+                )
+        self._active_sinks = active if trainer.is_global_zero else []
+        self._sink_call("setup", trainer)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sink_call("on_fit_end", trainer, self.summary())
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # a "raise" response (or any crash) still flushes summaries, pictures and records
+        self._sink_call("on_fit_end", trainer, self.summary())
+        self._active_sinks = []
+
+    def _sink_call(self, method: str, trainer: Trainer, *args, **kwargs) -> None:
+        """Call ``method`` on every sink; a sink that fails is reported once and switched off."""
+        for sink in list(self._active_sinks):
+            try:
+                getattr(sink, method)(self, trainer, *args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - the guard's own failures never stop training
+                self._active_sinks.remove(sink)
+                log.warning("GradGuard: %s.%s failed (%r); that sink is switched off, training goes on",
+                            type(sink).__name__, method, err)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and facts about the run so far, for run summaries and reports.
+
+        Keys: ``events/<kind>`` counts, ``steps``, ``clipped_fraction``,
+        ``skipped_fraction``, ``rollbacks``, ``amp_overflows``, ``lr_scale``
+        (of the first optimizer), ``worst_layer`` (the layer named by most
+        events, or ``None``).
+        """
+        counts = {k: sum(w.counts[k] for w in self._watches.values()) for k in _COUNTS}
+        steps = max(counts.get("steps", 0), 1)
+        named = [e.layer for e in self.events if e.layer is not None]
+        first = self._watches.get(0)
+        return {
+            **{f"events/{kind}": self._event_counts.get(kind, 0) for kind in KINDS},
+            "steps": counts.get("steps", 0),
+            "clipped_fraction": counts.get("clipped", 0) / steps,
+            "skipped_fraction": counts.get("skipped", 0) / steps,
+            "rollbacks": counts.get("rollbacks", 0),
+            "amp_overflows": counts.get("amp_overflows", 0),
+            "lr_scale": first.lr_scale.value if first is not None and first.lr_scale is not None else 1.0,
+            "worst_layer": max(set(named), key=named.count) if named else None,
+        }
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -309,8 +386,14 @@ class GradGuard(Callback):
 
         events = self._findings(watch, host, step)
         clip_coef = self._respond(trainer, pl_module, optimizer, watch, host, events, step)
+        metrics = None
         if is_log_step or events:
-            self._log(trainer, watch, host, is_log_step, param_step, clip_coef, log_step)
+            metrics = self._log(trainer, watch, host, is_log_step, param_step, clip_coef, log_step)
+        if self._active_sinks:
+            self._sink_call("on_step", trainer, optimizer=watch.index, step=step, log_step=log_step,
+                            layers=watch.plan.layers, norms=host[Row.NORM], metrics=metrics)
+            for event in events:
+                self._sink_call("on_event", trainer, event)
         for event in events:
             if "raise" in event.actions:
                 raise GradientHealthError(event.message, tuple(events))
@@ -619,7 +702,7 @@ class GradGuard(Callback):
         opt = f"opt{watch.index}/" if len(self._watches) > 1 or watch.index else ""
         return f"{self.prefix}{opt}{name}"
 
-    def _log(self, trainer, watch: _Watch, host, is_log_step, param_step, clip_coef, log_step) -> None:
+    def _log(self, trainer, watch: _Watch, host, is_log_step, param_step, clip_coef, log_step) -> dict[str, float]:
         k = lambda name: self._key(watch, name)  # noqa: E731
         norm = host[Row.NORM]
         metrics: dict[str, float] = {k("norm_total"): float(norm[0])}
@@ -658,6 +741,7 @@ class GradGuard(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=log_step)
         trainer.callback_metrics[k("norm_total")] = torch.tensor(float(norm[0]))
+        return metrics
 
     def _logged_layers(self, host: np.ndarray) -> list[int]:
         if self.log_layers == "none":

@@ -11,7 +11,7 @@ fi
 # torch first, pinned: 2.13.0 is the small CPU build this project's machines carry (see README);
 # an unpinned torch would pull a multi-GB CUDA build
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
+  .venv/bin/pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "is ignored: it is neither" || true
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".[${extras}]" 2>&1 | grep -v "is ignored: it is neither" || true
 .venv/bin/python -c "import lightning_gradguard, torch, lightning; print('ready: torch', torch.__version__, '| lightning', lightning.__version__)"

@@ -83,3 +83,36 @@ class NormRecorder(pl.Callback):
             if own:
                 per[name] = torch.linalg.vector_norm(torch.cat(own)).item()
         self.layers[step] = per
+
+
+class FaultyMLP(DigitsMLP):
+    """DigitsMLP with faults at known global steps.
+
+    ``faults`` maps a step to ``"inf"`` (an Inf in one input), ``"spike"``
+    (inputs x 1e3), ``"nan_layer"`` (a NaN planted in ``net.2``'s weight gradient).
+    """
+
+    def __init__(self, faults: dict[int, str], optimizer: str = "adam", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.faults = dict(faults)
+        self.optimizer_name = optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        fault = self.faults.get(self.global_step)
+        if fault == "inf":
+            x = x.clone()
+            x[0, 3] = float("inf")
+        elif fault == "spike":
+            x = x * 1e3
+        loss = nn.functional.cross_entropy(self(x), y)
+        return loss
+
+    def on_after_backward(self):
+        if self.faults.get(self.global_step) == "nan_layer":
+            self.net[2].weight.grad[0, 0] = float("nan")
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return super().configure_optimizers()

@@ -1,0 +1,56 @@
+"""Sinks: where the guard's measurements and decisions go besides the Trainer's loggers.
+
+A sink receives, on rank 0 only, every step's per-layer norms (already on the
+host: no extra sync), each logged step's metrics, every event, and the end of
+fit. W&B alerts and pictures, and the on-disk run record, are sinks. A sink
+that raises is reported once and switched off: the guard's own failures never
+stop training.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+    from lightning_gradguard.callback import GradGuard
+    from lightning_gradguard.events import GradEvent
+
+__all__ = ["GuardSink"]
+
+
+class GuardSink:
+    """Base class: override what you need; every method is optional."""
+
+    def setup(self, guard: GradGuard, trainer: Trainer) -> None:
+        """Once, when fitting starts (rank 0)."""
+
+    def on_step(
+        self,
+        guard: GradGuard,
+        trainer: Trainer,
+        *,
+        optimizer: int,
+        step: int,
+        log_step: int,
+        layers: tuple[str, ...],
+        norms: np.ndarray,
+        metrics: dict[str, float] | None,
+    ) -> None:
+        """Every optimizer step.
+
+        ``norms`` holds the global norm then one per layer (``layers``), 0 for
+        layers without gradients, NaN/Inf where they are non-finite; ``step`` is
+        ``trainer.global_step``, ``log_step`` the step Lightning logs at;
+        ``metrics`` is what went to the loggers this step, ``None`` on steps
+        that were not logged.
+        """
+
+    def on_event(self, guard: GradGuard, trainer: Trainer, event: GradEvent) -> None:
+        """Each event, after its responses were applied (``event.actions`` is final)."""
+
+    def on_fit_end(self, guard: GradGuard, trainer: Trainer, summary: dict) -> None:
+        """Once at the end of fit (also after ``"stop"``); ``summary`` is :meth:`GradGuard.summary`."""

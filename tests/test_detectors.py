@@ -1,0 +1,116 @@
+"""Detector update rules in a bare loop: spikes, growth, vanishing, never poisoned, never frozen."""
+
+import math
+
+import torch
+
+from lightning_gradguard.detectors import Code, DetectorConfig, Row, TrendDetector
+
+
+def feed(det, norms, *, converged=False, worsening=True, present=None):
+    """Feed per-step norm vectors; return the list of code rows (host ints)."""
+    codes = []
+    for n in norms:
+        n = torch.as_tensor(n, dtype=torch.float32).reshape(-1)
+        p = torch.ones_like(n, dtype=torch.bool) if present is None else torch.as_tensor(present)
+        rep = det.update(n, p, ~torch.isfinite(n), converged=torch.tensor(converged), worsening=torch.tensor(worsening))
+        codes.append(rep[Row.CODE].long().tolist())
+    return codes
+
+
+def noisy(level, steps, seed=0, spread=0.2):
+    g = torch.Generator().manual_seed(seed)
+    return (level * torch.exp(spread * torch.randn(steps, generator=g))).tolist()
+
+
+def test_spike_flagged_at_its_step_and_not_before():
+    det = TrendDetector(DetectorConfig(), 1)
+    series = noisy(1.0, 60)
+    series[40] = 500.0
+    codes = feed(det, series)
+    flagged = [i for i, c in enumerate(codes) if c[0] & Code.SPIKE]
+    assert flagged == [40]
+
+
+def test_spike_in_warmup_is_judged_against_the_largest_norm_seen():
+    det = TrendDetector(DetectorConfig(warmup_steps=10), 1)
+    codes = feed(det, [1.0, 1.2, 1e4, 1.1])
+    assert [bool(c[0] & Code.SPIKE) for c in codes] == [False, False, True, False]
+
+
+def test_nan_steps_never_enter_the_running_statistics():
+    det = TrendDetector(DetectorConfig(), 1)
+    feed(det, noisy(1.0, 30))
+    level, scale = det.level.clone(), det.scale.clone()
+    codes = feed(det, [math.nan, math.inf, -math.inf])
+    assert all(c[0] & Code.NONFINITE for c in codes)
+    assert torch.equal(det.level, level) and torch.equal(det.scale, scale)
+    assert torch.isfinite(det.fast).all() and torch.isfinite(det.maxseen).all()
+    # and a later spike is still caught
+    assert feed(det, [300.0])[0][0] & Code.SPIKE
+
+
+def test_one_wild_step_neither_poisons_nor_blinds():
+    det = TrendDetector(DetectorConfig(), 1)
+    feed(det, noisy(1.0, 40))
+    before = det.level.item()
+    feed(det, [1e12])
+    assert abs(det.level.item() - before) < 0.1  # at most a clamped step in log10
+    codes = feed(det, noisy(1.0, 5, seed=1) + [200.0])
+    assert codes[-1][0] & Code.SPIKE and not any(c[0] & Code.SPIKE for c in codes[:-1])
+
+
+def test_a_lasting_change_of_regime_is_followed_not_flagged_forever():
+    det = TrendDetector(DetectorConfig(), 1)
+    feed(det, noisy(1.0, 40))
+    codes = feed(det, noisy(30.0, 150, seed=2))
+    spikes = [i for i, c in enumerate(codes) if c[0] & Code.SPIKE]
+    assert spikes and max(spikes) < 60  # re-adapts within tens of steps
+    assert abs(det.level.item() - math.log10(30.0)) < 0.3
+
+
+def test_sustained_growth_without_spikes_is_growth_only_while_loss_worsens():
+    growth = [1.0 * 1.08**i for i in range(80)]  # 8% a step: never a spike, 10x in ~30 steps
+    det = TrendDetector(DetectorConfig(), 1)
+    codes = feed(det, growth, worsening=True)
+    assert not any(c[0] & Code.SPIKE for c in codes)
+    first = next(i for i, c in enumerate(codes) if c[0] & Code.GROWTH)
+    assert 20 < first < 60
+    det = TrendDetector(DetectorConfig(), 1)
+    assert not any(c[0] & Code.GROWTH for c in feed(det, growth, worsening=False))
+
+
+def test_vanishing_relative_dead_and_convergence_gate():
+    cfg = DetectorConfig(vanish_patience=5)
+    # three layers (+ global): layer 1 is 1e6 below the others, layer 3 dies at step 10
+    rows = []
+    for step in range(30):
+        l1, l2, l3 = 1e-6, 1.0, (1.0 if step < 10 else 0.0)
+        rows.append([math.sqrt(l1**2 + l2**2 + l3**2), l1, l2, l3])
+    codes = feed(TrendDetector(cfg, 4), rows)
+    first_rel = next(i for i, c in enumerate(codes) if c[1] & Code.VANISH)
+    assert first_rel == 4 and codes[first_rel][1] & Code.REL
+    first_dead = next(i for i, c in enumerate(codes) if c[3] & Code.VANISH)
+    assert first_dead == 14 and codes[first_dead][3] & Code.DEAD
+    assert not any(c[2] & Code.VANISH for c in codes)
+    # a converged loss silences it
+    assert not any(c[1] & Code.VANISH or c[3] & Code.VANISH for c in feed(TrendDetector(cfg, 4), rows, converged=True))
+
+
+def test_drop_below_own_peak():
+    cfg = DetectorConfig(vanish_patience=3, warmup_steps=3)
+    series = [[1.0, 1.0, 1.0]] * 10 + [[1.0, 1e-5, 1.0]] * 40
+    codes = feed(TrendDetector(cfg, 3), series)
+    assert any(c[1] & Code.DROP for c in codes)
+
+
+def test_state_dict_round_trip_and_layout_change_ignored():
+    det = TrendDetector(DetectorConfig(), 3)
+    feed(det, [[1.0, 2.0, 3.0]] * 12)
+    state = det.state_dict()
+    other = TrendDetector(DetectorConfig(), 3)
+    other.load_state_dict(state)
+    assert torch.equal(other.level, det.level) and other.steps == 12
+    fresh = TrendDetector(DetectorConfig(), 5)
+    fresh.load_state_dict(state)
+    assert fresh.steps == 0

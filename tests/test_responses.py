@@ -1,0 +1,92 @@
+"""Responses in a real Trainer: skip, clip, raise, stop, alert, reduce_lr, rollback."""
+
+import logging
+
+import pytest
+import torch
+
+from helpers import FaultyMLP, NormRecorder, digits_loader, trainer
+from lightning_gradguard import GradGuard, GradientHealthError
+
+
+def adam_steps(model):
+    opt_state = model.trainer.optimizers[0].state
+    return {int(s["step"]) for s in opt_state.values()}
+
+
+@pytest.mark.parametrize("fault", ["inf", "nan_layer"])
+def test_default_guard_skips_nonfinite_step_and_leaves_optimizer_state_alone(fault):
+    guard = GradGuard()
+    model = FaultyMLP({7: fault}, lr=1e-2)
+    trainer(max_steps=15, callbacks=[guard]).fit(model, digits_loader())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    (event,) = [e for e in guard.events if e.kind == "nonfinite"]
+    assert event.step == 7 and event.actions == ("skip", "alert")
+    if fault == "nan_layer":
+        assert event.layer == "net.2" and event.layers == ("net.2",)
+    else:
+        assert event.layer == "net.0"  # the first layer in model order
+    assert adam_steps(model) == {14}  # 15 optimizer calls, one of them skipped: Adam's count is untouched
+
+
+def test_without_guard_the_same_fault_poisons_the_weights():
+    model = FaultyMLP({7: "inf"}, lr=1e-2)
+    trainer(max_steps=10).fit(model, digits_loader())
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_raise_names_kind_step_layer_and_numbers():
+    guard = GradGuard(on_nonfinite="raise")
+    model = FaultyMLP({5: "nan_layer"})
+    with pytest.raises(GradientHealthError, match=r"step 5: non-finite gradients \(NaN\) in 1 layer: `net.2`; global norm nan -> raise") as info:
+        trainer(max_steps=10, callbacks=[guard]).fit(model, digits_loader())
+    assert info.value.events[0].kind == "nonfinite"
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_stop_ends_fit_gracefully_with_the_reason_logged(caplog):
+    ended = []
+
+    class EndProbe(GradGuard):
+        def on_train_end(self, trainer, pl_module):
+            ended.append(trainer.global_step)
+
+    guard = EndProbe(on_nonfinite=("skip", "stop"))
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        trainer(max_steps=30, callbacks=[guard]).fit(FaultyMLP({6: "inf"}), digits_loader())
+    assert ended == [7]  # stopped after the faulty (skipped) step; end-of-fit hooks ran
+    assert "GradGuard stopped training: step 6: non-finite" in caplog.text
+
+
+def test_clip_bounds_a_spike_and_logs_the_coefficient(caplog, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+    import csv, glob
+
+    guard = GradGuard(log_every_n_steps=50)
+    after = NormRecorder()  # runs after the guard: sees the clipped gradients
+    model = FaultyMLP({20: "spike"}, optimizer="sgd", lr=0.05)
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        trainer(max_steps=25, callbacks=[guard, after], logger=CSVLogger(tmp_path)).fit(model, digits_loader())
+    (event,) = guard.events
+    assert event.kind == "exploding" and event.step == 20 and event.reason == "spike"
+    assert event.actions == ("clip", "alert") and event.value > 10 * event.threshold
+    assert "step 20: grad norm of" in caplog.text
+    (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
+    (row,) = [r for r in csv.DictReader(open(path)) if r.get("grad/clip_coef")]  # logged because of the event
+    assert int(row["step"]) == 20
+    coef = float(row["grad/clip_coef"])
+    assert 0 < coef < 0.5
+    assert float(row["grad/norm_clipped"]) == pytest.approx(after.total[20], rel=1e-4)
+    assert float(row["grad/norm_total"]) * coef == pytest.approx(after.total[20], rel=1e-4)
+    assert float(row["grad/clipped_steps"]) == 1
+
+
+def test_log_only_records_without_touching_training():
+    guard = GradGuard(on_nonfinite="log", on_exploding="log", on_vanishing="log")
+    model = FaultyMLP({4: "inf"})
+    trainer(max_steps=8, callbacks=[guard]).fit(model, digits_loader())
+    assert guard.events[0].step == 4
+    assert {e.actions for e in guard.events} == {("log",)}
+    # nobody asked for protection: the NaN reached the weights, and every later step is NaN too
+    assert [e.step for e in guard.events] == [4, 5, 6, 7]
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
