@@ -68,26 +68,39 @@ class LRScale:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.value = 1.0
-        self._saved: list = []
+        self._value = 1.0
+        self._optimizer = optimizer
+        self._saved: list | None = None  # the unscaled LRs while inside step(), else None
         self._handles = (
             optimizer.register_step_pre_hook(self._pre),
             optimizer.register_step_post_hook(self._post),
         )
 
+    @property
+    def value(self) -> float:
+        return self._value
+
+    @value.setter
+    def value(self, value: float) -> None:
+        self._value = float(value)
+        if self._saved is not None:
+            # changed from inside step(): Lightning runs the training closure (and so the guard)
+            # within optimizer.step, after the pre-hook; apply the new factor to this step too
+            self._apply(self._optimizer)
+
+    def _apply(self, optimizer) -> None:
+        for group, lr in zip(optimizer.param_groups, self._saved):
+            group["lr"] = lr * self._value if self._value != 1.0 else lr
+
     def _pre(self, optimizer, args, kwargs) -> None:
-        self._saved = []
-        if self.value == 1.0:
-            return
-        for group in optimizer.param_groups:
-            lr = group["lr"]
-            self._saved.append(lr)
-            group["lr"] = lr.mul(self.value) if isinstance(lr, Tensor) else lr * self.value
+        self._saved = [group["lr"] for group in optimizer.param_groups]
+        if self._value != 1.0:
+            self._apply(optimizer)
 
     def _post(self, optimizer, args, kwargs) -> None:
-        for group, lr in zip(optimizer.param_groups, self._saved):
+        for group, lr in zip(optimizer.param_groups, self._saved or []):
             group["lr"] = lr
-        self._saved = []
+        self._saved = None
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -106,6 +106,11 @@ class GradGuard(Callback):
             the clip threshold never exceeds it).
         max_update_ratio: optional ceiling on any layer's update-to-weight
             ratio ``lr * |g| / |w|`` (computes weight norms every step).
+        max_grad_weight_ratio: exploding when the global gradient norm is this
+            many times the global weight norm (healthy: ~0.01-2). Needs no
+            history, so it covers the first steps (bad init); checked every
+            step during the warm-up and whenever weight norms are computed.
+            ``None`` disables it.
         vanish_factor: a layer this many times below the median layer's norm...
         vanish_drop: ...or this many times below its own peak...
         vanish_floor: ...or at or below this absolute norm (``0``: only all-zero,
@@ -118,7 +123,8 @@ class GradGuard(Callback):
         amp_overflow_patience: under a fp16 GradScaler, overflow steps are
             normal (the scaler skips them); only this many in a row is reported.
         lr_factor: ``"reduce_lr"`` multiplies the learning rate by this...
-        lr_cooldown: ...at most once per this many steps...
+        lr_cooldown: ...at most once per this many steps (except right after a
+            rollback: retrying at the same LR would fail the same way)...
         lr_min_scale: ...down to this fraction of the schedule's value.
         lr_recover_after: if set, after this many healthy steps the scale is
             divided by ``lr_factor`` again (gradually, back up to 1).
@@ -180,6 +186,7 @@ class GradGuard(Callback):
         growth_min_steps: int = 5,
         max_norm: float | None = None,
         max_update_ratio: float | None = None,
+        max_grad_weight_ratio: float | None = 20.0,
         vanish_factor: float = 1e4,
         vanish_drop: float = 1e3,
         vanish_floor: float = 0.0,
@@ -188,7 +195,7 @@ class GradGuard(Callback):
         amp_overflow_patience: int = 20,
         lr_factor: float = 0.5,
         lr_cooldown: int = 50,
-        lr_min_scale: float = 0.01,
+        lr_min_scale: float = 1e-3,
         lr_recover_after: int | None = None,
         rollback_every: int = 50,
         rollback_keep: int = 2,
@@ -224,6 +231,9 @@ class GradGuard(Callback):
             ),
             max_norm=check_number("max_norm", max_norm, optional=True, **positive),
             max_update_ratio=check_number("max_update_ratio", max_update_ratio, optional=True, **positive),
+            max_grad_weight_ratio=check_number(
+                "max_grad_weight_ratio", max_grad_weight_ratio, optional=True, **positive
+            ),
             vanish_factor=check_number("vanish_factor", vanish_factor, **above_one),
             vanish_drop=check_number("vanish_drop", vanish_drop, **above_one),
             vanish_floor=check_number("vanish_floor", vanish_floor, low=0),
@@ -352,7 +362,9 @@ class GradGuard(Callback):
         logging_on = bool(trainer.loggers)
         is_log_step = logging_on and (log_step + 1) % every == 0
         param_every = self.param_stats_every_n_steps
-        if self.config.max_update_ratio is not None:
+        if self.config.max_update_ratio is not None or (
+            self.config.max_grad_weight_ratio is not None and watch.counts["steps"] < self.config.warmup_steps
+        ):
             param_step = True
         elif param_every is None:
             param_step = is_log_step and self.log_layers != "none"
@@ -373,6 +385,7 @@ class GradGuard(Callback):
             converged=self._converged(),
             update_ratio=_series_row(stats.update_ratio, stats),
             worsening=self._worsening(),
+            weight_norm=_series_row(stats.param_norm, stats, total="l2"),
         )
         rows = [report]
         if is_log_step:
@@ -511,7 +524,12 @@ class GradGuard(Callback):
         else:
             watch.overflow_streak = 0
 
-        for bit, reason in ((Code.CEILING, "max_norm"), (Code.SPIKE, "spike"), (Code.UPDATE_RATIO, "update_ratio")):
+        for bit, reason in (
+            (Code.CEILING, "max_norm"),
+            (Code.GRAD_WEIGHT, "grad_weight_ratio"),
+            (Code.SPIKE, "spike"),
+            (Code.UPDATE_RATIO, "update_ratio"),
+        ):
             flags = (code & bit) > 0
             if flags.any():
                 events.append(self._exploding(watch, host, step, reason, _worst_first(flags, host, reason)))
@@ -547,6 +565,10 @@ class GradGuard(Callback):
         elif reason == "max_norm":
             value, threshold = float(norm), float(c.max_norm)
             text = f"{where} {_f(norm)} exceeds max_norm {_f(threshold)}"
+        elif reason == "grad_weight_ratio":
+            value, threshold = float(host[Row.GRAD_WEIGHT, 0]), float(c.max_grad_weight_ratio)
+            text = (f"global grad norm {_f(norm)} is {value:.3g}x the weight norm {_f(norm / value)} "
+                    f"(threshold {threshold:g}x): exploding activations (init, learning rate)")
         else:
             value, threshold = float(host[Row.UPDATE_RATIO, i]), float(c.max_update_ratio)
             text = f"update-to-weight ratio of {_q(watch.series_name(i))} {_f(value)} exceeds max_update_ratio {_f(threshold)}"
@@ -613,7 +635,8 @@ class GradGuard(Callback):
             clip_coef = self._clip(optimizer, watch, host, events)
             taken["clip"] = clip_coef < 1.0
         if "reduce_lr" in wanted and watch.lr_scale is not None:
-            taken["reduce_lr"] = self._reduce_lr(watch, step)
+            # after a rollback the previous reduction evidently did not help: no cooldown then
+            taken["reduce_lr"] = self._reduce_lr(watch, step, force=bool(taken.get("rollback")))
         watch.healthy_since = step + 1
 
         final = []
@@ -641,6 +664,10 @@ class GradGuard(Callback):
         norm, limit = host[Row.NORM], host[Row.SPIKE_AT].copy()
         if self.config.max_norm is not None:
             limit[0] = min(limit[0], self.config.max_norm)
+        ratio = host[Row.GRAD_WEIGHT, 0]
+        if self.config.max_grad_weight_ratio is not None and np.isfinite(ratio) and ratio > 0:
+            # no history yet (first steps): bound the gradient by the weights' own scale
+            limit[0] = min(limit[0], self.config.max_grad_weight_ratio * norm[0] / ratio)
         over = np.isfinite(norm) & (norm > limit)
         if over[0]:
             coef = float(limit[0] / norm[0])
@@ -657,9 +684,9 @@ class GradGuard(Callback):
             return float(np.min(limit[1:][layers] / norm[1:][layers]))
         return 1.0
 
-    def _reduce_lr(self, watch: _Watch, step: int) -> bool:
+    def _reduce_lr(self, watch: _Watch, step: int, force: bool = False) -> bool:
         scale = watch.lr_scale
-        if step - watch.last_lr_change < self.lr_cooldown or scale.value <= self.lr_min_scale:
+        if (not force and step - watch.last_lr_change < self.lr_cooldown) or scale.value <= self.lr_min_scale:
             return False
         scale.value = max(scale.value * self.lr_factor, self.lr_min_scale)
         watch.last_lr_change = step
@@ -848,6 +875,8 @@ def _series_row(values: Tensor | None, stats: GradStats, total: str = "none") ->
 def _worst_first(flags: np.ndarray, host: np.ndarray, reason: str) -> list[int]:
     """Flagged series, the most severe first: a layer is named rather than the global norm when one is flagged."""
     idx = [int(i) for i in np.flatnonzero(flags)]
+    if reason == "grad_weight_ratio":
+        return [0]
     if reason in ("spike", "max_norm"):
         severity = host[Row.NORM] / np.maximum(host[Row.SPIKE_AT], 1e-30)
     elif reason == "growth":

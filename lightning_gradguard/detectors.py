@@ -12,6 +12,12 @@ in log10 space and flags, every step, without a host sync:
 * ``GROWTH``: the fast running level rose ``growth_factor``-fold within
   ``growth_window`` steps (sustained growth, no single step needs to be a
   spike) while the caller says the loss is not improving.
+* ``GRAD_WEIGHT``: the global gradient norm is ``max_grad_weight_ratio``
+  times the global weight norm or more. Scale-free and needs no history, so
+  it catches exploding gradients from the very first step (bad init, an RNN
+  with spectral radius > 1), when the running level knows nothing yet.
+  Healthy networks stay around 0.01-2; one SGD step with such a gradient
+  would move the weights many times their own size.
 * ``CEILING`` / ``UPDATE_RATIO``: optional absolute limits.
 * ``VANISH``: for ``vanish_patience`` steps in a row a layer's gradient is all
   zeros (``DEAD``, or at/below ``vanish_floor``), or ``vanish_factor`` below the
@@ -53,8 +59,9 @@ class Code:
     DEAD = 64
     REL = 128
     DROP = 256
+    GRAD_WEIGHT = 512  # the global gradient norm is many times the weight norm
 
-    EXPLODING = SPIKE | GROWTH | CEILING | UPDATE_RATIO
+    EXPLODING = SPIKE | GROWTH | CEILING | UPDATE_RATIO | GRAD_WEIGHT
 
 
 class Row:
@@ -70,9 +77,10 @@ class Row:
     VANISH_REF = 7  # the reference a vanishing layer is compared with (log10): median layer or own peak
     STREAK = 8  # consecutive steps the vanishing condition held
     UPDATE_RATIO = 9  # update-to-weight ratio (NaN when not computed this step)
+    GRAD_WEIGHT = 10  # gradient norm / weight norm (NaN when not computed this step)
 
 
-REPORT_ROWS = 10
+REPORT_ROWS = 11
 
 _TINY = 1e-30
 _LOG_TINY = -30.0
@@ -91,6 +99,7 @@ class DetectorConfig:
     growth_min_steps: int = 5
     max_norm: float | None = None
     max_update_ratio: float | None = None
+    max_grad_weight_ratio: float | None = 20.0
     vanish_factor: float = 1e4
     vanish_drop: float = 1e3
     vanish_floor: float = 0.0
@@ -147,6 +156,7 @@ class TrendDetector:
         converged: Tensor | None = None,
         update_ratio: Tensor | None = None,
         worsening: Tensor | None = None,
+        weight_norm: Tensor | None = None,
     ) -> Tensor:
         """Consume one step's norms (``[S]``) and return the packed ``[REPORT_ROWS, S]`` report.
 
@@ -156,7 +166,7 @@ class TrendDetector:
         boolean scalar (the loss has not improved over the growth window):
         growing norms are only reported as exploding while it holds, since
         norms also grow in healthy phases (sharpening logits, LR warm-up)
-        while the loss falls.
+        while the loss falls. ``weight_norm`` is per series (NaN where unknown).
         """
         c = self.config
         norm = norm.to(self.device, torch.float32)
@@ -179,6 +189,13 @@ class TrendDetector:
         code = code | torch.where(present & ~finite, Code.NONFINITE, 0)
         if c.max_norm is not None:
             code[0] = code[0] | torch.where(finite[0] & (norm[0] > c.max_norm), Code.CEILING, 0)
+        grad_weight = torch.full_like(norm, math.nan)
+        if weight_norm is not None:
+            weight_norm = weight_norm.to(self.device, torch.float32)
+            grad_weight = torch.where(weight_norm > 0, norm / weight_norm.clamp_min(_TINY), math.nan)
+            if c.max_grad_weight_ratio is not None:
+                over = finite[0] & (grad_weight[0] > c.max_grad_weight_ratio)
+                code[0] = code[0] | torch.where(over, Code.GRAD_WEIGHT, 0)
         if update_ratio is not None and c.max_update_ratio is not None:
             over = present & (update_ratio.to(self.device) > c.max_update_ratio)
             code = code | torch.where(over, Code.UPDATE_RATIO, 0)
@@ -246,6 +263,7 @@ class TrendDetector:
                 vanish_ref,
                 self.streak,
                 ratio_row,
+                grad_weight,
             ]
         )
 

@@ -1,0 +1,142 @@
+"""reduce_lr survives every scheduler; rollback undoes a catastrophe; both survive resume."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import DigitsMLP, digits_loader, trainer
+from lightning_gradguard import GradGuard
+
+SPIKE = 12
+
+
+class Scheduled(DigitsMLP):
+    """SGD + a per-step scheduler; inputs x1e3 at step SPIKE (an exploding event)."""
+
+    def __init__(self, kind: str, spike_at=SPIKE):
+        super().__init__(lr=0.05)
+        self.kind, self.spike_at = kind, spike_at
+        self.applied: dict[int, float] = {}  # lr seen inside optimizer.step (after the guard's scaling)
+        self.scheduled: dict[int, float] = {}  # lr the scheduler set (what param_group holds outside step)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step == self.spike_at:
+            x = x * 1e3
+        return nn.functional.cross_entropy(self(x), y)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.scheduled[self.global_step] = self.trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_before_optimizer_step(self, optimizer):
+        # runs after the callbacks' hook (the guard's): the gradient about to be applied
+        w = self.net[0].weight
+        self._before = (w.detach().clone(), w.grad.detach().clone())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # plain SGD: w_new = w - lr * g, so the LR actually applied is measured from the update
+        w_old, g = self._before
+        delta = w_old - self.net[0].weight.detach()
+        self.applied[self.global_step - 1] = ((delta * g).sum() / (g * g).sum()).item()
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        sched = {
+            "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + 0.1 * s)),
+            "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=100, cycle_momentum=False),
+            "cyclic": lambda: torch.optim.lr_scheduler.CyclicLR(opt, 0.01, 0.1, step_size_up=5, cycle_momentum=False),
+            "restarts": lambda: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=7),
+        }[self.kind]()
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("kind", ["lambda", "onecycle", "cyclic", "restarts"])
+def test_reduce_lr_scales_the_schedule_and_keeps_its_shape(kind):
+    guard = GradGuard(on_exploding=("clip", "reduce_lr"), lr_factor=0.5, lr_cooldown=100)
+    model = Scheduled(kind)
+    trainer(max_steps=30, callbacks=[guard]).fit(model, digits_loader())
+    (event,) = guard.events
+    assert event.step == SPIKE and event.actions == ("clip", "reduce_lr")
+    for step, applied in model.applied.items():
+        expected = model.scheduled[step] * (0.5 if step >= SPIKE else 1.0)
+        assert applied == pytest.approx(expected, rel=1e-4), step
+    # the scheduler's own value (param_group outside step) follows the unscaled schedule
+    twin = Scheduled(kind, spike_at=-1)
+    trainer(max_steps=30).fit(twin, digits_loader())
+    assert model.scheduled == pytest.approx(twin.scheduled)
+    assert guard._watches[0].lr_scale.value == 0.5
+
+
+def test_lr_scale_survives_resume_and_recovers(tmp_path):
+    guard = GradGuard(on_exploding="reduce_lr", lr_recover_after=10, lr_factor=0.5)
+    t = trainer(max_steps=16, callbacks=[guard])
+    t.fit(Scheduled("lambda"), digits_loader())
+    assert guard._watches[0].lr_scale.value == 0.5
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    resumed = GradGuard(on_exploding="reduce_lr", lr_recover_after=10, lr_factor=0.5)
+    model = Scheduled("lambda", spike_at=-1)
+    trainer(max_steps=40, callbacks=[resumed]).fit(model, digits_loader(), ckpt_path=tmp_path / "c.ckpt")
+    # 10 healthy steps after the event at 12 (cooldown counted from it) it recovers to 1.0
+    applied = model.applied
+    assert applied[17] == pytest.approx(model.scheduled[17] * 0.5, rel=1e-4)
+    assert applied[30] == pytest.approx(model.scheduled[30], rel=1e-4)
+    assert resumed._watches[0].lr_scale.value == 1.0
+
+
+class LRJump(DigitsMLP):
+    """The LR jumps x300 at step JUMP for good (a schedule bug): the update of that step wrecks the weights."""
+
+    JUMP = 60
+
+    def __init__(self, jump: bool = True):
+        super().__init__(lr=0.02, hidden=64)
+        self.jump = jump
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        factor = 300.0 if self.jump else 1.0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor if s >= self.JUMP else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def final_loss(model):
+    tail = [l for l in model.losses[-20:] if math.isfinite(l)]
+    return sum(tail) / len(tail) if len(tail) == 20 else math.inf
+
+
+def test_rollback_with_reduce_lr_rescues_a_persistent_lr_jump():
+    twin = LRJump(jump=False)
+    trainer(max_steps=200).fit(twin, digits_loader(shuffle=True))
+    broken = LRJump()
+    trainer(max_steps=200, callbacks=[GradGuard()]).fit(broken, digits_loader(shuffle=True))
+    rescued = LRJump()
+    guard = GradGuard(on_exploding=("rollback", "reduce_lr", "alert"), lr_factor=0.1, rollback_every=20)
+    trainer(max_steps=200, callbacks=[guard]).fit(rescued, digits_loader(shuffle=True))
+
+    assert final_loss(broken) > 3 * final_loss(twin)  # clipping alone cannot undo the wrecking update
+    assert final_loss(rescued) < 1.5 * final_loss(twin)
+    first = guard.events[0]
+    assert first.kind == "exploding" and first.step in (LRJump.JUMP + 1, LRJump.JUMP + 2)
+    assert first.actions[:2] == ("rollback", "reduce_lr")
+    assert guard._watches[0].lr_scale.value == pytest.approx(0.01)
+    assert all(torch.isfinite(p).all() for p in rescued.parameters())
+
+
+def test_rollback_gives_up_and_stops_when_retrying_does_not_help():
+    model = LRJump()
+    # no LR reduction: every retry diverges again; after max_rollbacks it stops instead of looping
+    guard = GradGuard(on_exploding=("rollback", "alert"), rollback_every=20, max_rollbacks=2)
+    t = trainer(max_steps=400, callbacks=[guard])
+    t.fit(model, digits_loader(shuffle=True))
+    assert guard._watches[0].counts["rollbacks"] == 2
+    assert t.global_step < 400

@@ -1,0 +1,109 @@
+"""Precision, accumulation and manual optimization with two optimizers, in a real Trainer."""
+
+import pytest
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+from torch import nn
+
+from helpers import DigitsMLP, FaultyMLP, NormRecorder, digits_loader, trainer
+from lightning_gradguard import GradGuard, GuardSink
+
+
+def scaler_plugin(init_scale: float = 2.0**16):
+    return MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed-scaler"])
+def test_statistics_are_of_unscaled_gradients(precision):
+    kwargs = {"plugins": [scaler_plugin()]} if precision == "16-mixed-scaler" else {"precision": precision}
+    seen = NormSink()
+    guard, rec = GradGuard(sinks=[seen]), NormRecorder()
+    trainer(max_steps=6, callbacks=[rec, guard], **kwargs).fit(FaultyMLP({}), digits_loader())
+    assert sorted(seen.total) == sorted(rec.total) == list(range(6))
+    for step, norm in seen.total.items():
+        assert norm == pytest.approx(rec.total[step], rel=1e-5)  # what the optimizer will apply
+        assert 1e-3 < norm < 1e2  # unscaled: about 1, not 65536x that
+    assert guard.events == []
+
+
+class NormSink(GuardSink):
+    def __init__(self):
+        self.total = {}
+
+    def on_step(self, guard, trainer, *, step, norms, **kwargs):
+        self.total[step] = float(norms[0])
+
+
+def test_scaler_overflows_are_counted_not_alarmed():
+    guard = GradGuard(on_nonfinite=("skip", "raise"))
+    model = FaultyMLP({})
+    # an absurd initial scale: the first steps overflow and the scaler halves its scale each time
+    trainer(max_steps=30, callbacks=[guard], plugins=[scaler_plugin(2.0**30)]).fit(model, digits_loader())
+    assert guard._watches[0].counts["amp_overflows"] > 0
+    assert guard.events == []  # no "raise": overflow steps are the scaler's business
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_persistent_overflow_is_reported():
+    guard = GradGuard(on_nonfinite="log", amp_overflow_patience=5)
+    trainer(max_steps=12, callbacks=[guard], plugins=[scaler_plugin(2.0**120)]).fit(FaultyMLP({}), digits_loader())
+    (event,) = guard.events
+    assert event.kind == "nonfinite" and event.reason == "amp_overflow" and event.step == 4
+    assert "5 fp16 overflow steps in a row" in event.message
+
+
+def test_gradient_accumulation_one_measurement_per_optimizer_step():
+    guard, rec = GradGuard(), NormRecorder()
+    trainer(max_steps=5, accumulate_grad_batches=4, callbacks=[rec, guard]).fit(DigitsMLP(), digits_loader())
+    watch = guard._watches[0]
+    assert watch.counts["steps"] == 5 == len(rec.total)
+    assert 10 ** watch.detector.fast[0].item() > 0
+
+
+class TwoOptimizers(DigitsMLP):
+    """GAN-style manual optimization: two parts, two optimizers; NaN planted in part b's gradients."""
+
+    def __init__(self, nan_at: int | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.b = nn.Linear(10, 10)
+        self.nan_at = nan_at
+        self.batches = 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        loss_a = nn.functional.cross_entropy(self.net(x), y)
+        opt_a.zero_grad()
+        self.manual_backward(loss_a)
+        opt_a.step()
+        loss_b = nn.functional.cross_entropy(self.b(self.net(x).detach()), y)
+        opt_b.zero_grad()
+        self.manual_backward(loss_b)
+        if self.batches == self.nan_at:
+            self.b.weight.grad[0, 0] = float("nan")
+        opt_b.step()
+        self.batches += 1
+        return loss_a
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), 1e-2), torch.optim.Adam(self.b.parameters(), 1e-2)
+
+
+def test_manual_optimization_two_optimizers_separate_state_and_events(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+    import csv, glob
+
+    guard = GradGuard(log_every_n_steps=1)
+    model = TwoOptimizers(nan_at=5)
+    trainer(max_steps=20, callbacks=[guard], logger=CSVLogger(tmp_path)).fit(model, digits_loader())
+    assert set(guard._watches) == {0, 1}
+    assert guard._watches[0].plan.layers == ("net.0", "net.2", "net.4")
+    assert guard._watches[1].plan.layers == ("b",)
+    (event,) = guard.events
+    assert event.optimizer == 1 and event.layer == "b" and "(optimizer 1)" in event.message
+    assert event.actions == ("skip", "alert")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
+    keys = set(next(csv.DictReader(open(path))).keys())
+    assert {"grad/opt0/norm_total", "grad/opt1/norm_total"} <= keys
