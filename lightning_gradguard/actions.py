@@ -131,9 +131,13 @@ class Snapshots:
         self._snaps.append((step, model_state, opt_state))
 
     def restore(self, before_step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
-        """Load the newest snapshot taken at or before ``before_step``; its step, or ``None`` if there is none."""
+        """Load the newest snapshot taken at or before ``before_step``; its step, or ``None`` if there is none.
+
+        A snapshot of step 0 (the initial weights, before any update could
+        damage them) is always eligible.
+        """
         for step, model_state, opt_state in reversed(self._snaps):
-            if step <= before_step:
+            if step <= before_step or step == 0:
                 module.load_state_dict(model_state)
                 optimizer.load_state_dict(copy.deepcopy(opt_state))
                 # drop the newer ones: they may hold the damage we are undoing

@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from lightning_gradguard.actions import LRScale, Snapshots, clip_, skip_
 from lightning_gradguard.config import check_choice, check_number, check_responses
-from lightning_gradguard.detectors import REPORT_ROWS, Code, DetectorConfig, Row, TrendDetector
+from lightning_gradguard.detectors import REPORT_ROWS, Code, DetectorConfig, LossTrend, Row, TrendDetector
 from lightning_gradguard.events import KINDS, GradEvent, GradientHealthError, Response
 from lightning_gradguard.sinks import GuardSink
 from lightning_gradguard.stats import GradStats, LayerPlan, grad_stats
@@ -263,18 +263,18 @@ class GradGuard(Callback):
             raise ValueError(f"`wandb` must be None (automatic), True or False, got {wandb!r}.")
         self.wandb = wandb
         self._active_sinks: list[GuardSink] = []
+        self.internal_errors = 0  # the guard's own failures (reported once each, never raised)
+        self._reported_errors: set[tuple] = set()
+        self._failed_loggers: set[int] = set()
 
         self.events: list[GradEvent] = []
         self._watches: dict[int, _Watch] = {}
         self._opt_index: dict[int, int] = {}  # id(optimizer) -> index in trainer.optimizers
         self._pending_state: dict[int, dict] = {}  # loaded before the optimizers exist
+        self._lr_scales: dict[int, LRScale] = {}
         self._event_counts = {"nonfinite": 0, "exploding": 0, "vanishing": 0}
-        # running loss level on the device (the vanishing gate); see on_train_batch_end
-        self._loss_seen = 0
-        self._loss_first: Tensor | None = None
-        self._loss_fast: Tensor | None = None
-        self._loss_ring: Tensor | None = None  # loss level over the last growth_window steps
-        self._loss_last_finite: Tensor | None = None
+        # running loss level on the device (the growth and vanishing gates); see on_train_batch_end
+        self._loss = LossTrend(self.config.warmup_steps, self.config.growth_window, self.converged_loss_ratio)
         self._scaler: Any = None
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -302,6 +302,22 @@ class GradGuard(Callback):
                 )
         self._active_sinks = active if trainer.is_global_zero else []
         self._sink_call("setup", trainer)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # LR hooks go in before the first step: Lightning runs the training closure (and so this
+        # guard's first look at an optimizer) inside optimizer.step, after its pre-hooks ran
+        if "reduce_lr" in self.on_nonfinite + self.on_exploding:
+            for index, optimizer in enumerate(trainer.optimizers):
+                if index not in self._lr_scales:
+                    scale = self._lr_scales[index] = LRScale(optimizer)
+                    scale.value = float(self._pending_state.get(index, {}).get("lr_scale", 1.0))
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for scale in self._lr_scales.values():
+            scale.remove()  # leave the user's optimizers as they were
+        self._lr_scales = {}
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -351,10 +367,23 @@ class GradGuard(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             return
-        self._observe_loss(loss.detach().float().reshape(()))
+        self._loss.observe(loss)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        try:
+            self._guard_step(trainer, pl_module, optimizer)
+        except GradientHealthError:
+            raise  # the deliberate "raise" response
+        except Exception as err:  # noqa: BLE001 - the guard's own failure must never stop training
+            self.internal_errors += 1
+            key = (type(err).__name__, str(err)[:200])
+            if key not in self._reported_errors:
+                self._reported_errors.add(key)
+                log.warning("GradGuard: internal error at step %d, this step is not monitored; training goes on: %r",
+                            trainer.global_step, err, exc_info=True)
+
+    def _guard_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         watch = self._watch(trainer, pl_module, optimizer)
         step = trainer.global_step
         log_step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs its own metrics at
@@ -377,14 +406,15 @@ class GradGuard(Callback):
             param_norms=param_step,
             lrs=self._lrs(watch, optimizer) if param_step else None,
             grad_scale=self._unscaled_factor(optimizer),
+            all_reduce=self._all_reduce(trainer),
         )
         if stats is None:
             return
         report = watch.detector.update(
             *_series(stats),
-            converged=self._converged(),
+            converged=self._loss.converged(),
             update_ratio=_series_row(stats.update_ratio, stats),
-            worsening=self._worsening(),
+            worsening=self._loss.worsening(),
             weight_norm=_series_row(stats.param_norm, stats, total="l2"),
         )
         rows = [report]
@@ -425,7 +455,8 @@ class GradGuard(Callback):
             detector = TrendDetector(self.config, plan.num_layers + 1, device)
             watch = _Watch(index, plan, detector)
             if "reduce_lr" in self.on_nonfinite + self.on_exploding:
-                watch.lr_scale = LRScale(optimizer)
+                watch.lr_scale = self._lr_scales.get(index) or LRScale(optimizer)
+                self._lr_scales[index] = watch.lr_scale
             if "rollback" in self.on_nonfinite + self.on_exploding:
                 watch.snapshots = Snapshots(self.rollback_keep)
             self._restore_watch(watch)
@@ -438,46 +469,28 @@ class GradGuard(Callback):
         lr_of = {id(p): float(g["lr"]) * scale for g in optimizer.param_groups for p in g["params"]}
         return [lr_of.get(id(p), 0.0) for p in watch.plan.params]
 
+    def _all_reduce(self, trainer: Trainer):
+        """For strategies whose ranks hold gradient *shards* (FSDP, DeepSpeed, model parallel):
+        combine the per-layer partial sums across ranks, so every rank computes the same numbers
+        and so takes the same decisions (a rank acting alone would hang the others).
+        Under DDP the gradients are already identical on every rank after the all-reduce."""
+        if trainer.world_size <= 1 or not _is_sharded(trainer.strategy):
+            return None
+        import torch.distributed as dist
+
+        def all_reduce(t: Tensor, op: str) -> Tensor:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+            return t
+
+        return all_reduce
+
     def _unscaled_factor(self, optimizer: torch.optim.Optimizer) -> Tensor | None:
         """The loss scale still inside the gradients, for optimizers that unscale in their own step."""
         scaler = self._scaler
         if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
             return None
         return getattr(scaler, "_scale", None)
-
-    # ------------------------------------------------------------------ loss gate (device)
-    def _observe_loss(self, loss: Tensor) -> None:
-        finite = torch.isfinite(loss)
-        if self._loss_first is None:
-            self._loss_first = torch.where(finite, loss, torch.nan)
-            self._loss_fast = self._loss_first.clone()
-        first, fast = self._loss_first, self._loss_fast
-        if self._loss_seen < self.config.warmup_steps:
-            # the initial level is the mean of the first warmup_steps finite losses
-            mean = torch.where(torch.isnan(first), loss, first + (loss - first) / (self._loss_seen + 1))
-            self._loss_first = torch.where(finite, mean, first)
-        blended = torch.where(torch.isnan(fast), loss, fast + 0.1 * (loss - fast))
-        self._loss_fast = torch.where(finite, blended, fast)
-        # a non-finite loss is the worst loss: keep it in the latest level the growth gate reads
-        self._loss_last_finite = finite
-        if self._loss_ring is None:
-            self._loss_ring = torch.full((self.config.growth_window,), torch.nan, device=loss.device)
-        self._loss_ring[self._loss_seen % self.config.growth_window] = self._loss_fast
-        self._loss_seen += 1
-
-    def _worsening(self) -> Tensor | None:
-        """Device bool: the loss level is no better than ``growth_window`` steps ago (or the loss is NaN/Inf)."""
-        if self._loss_ring is None:
-            return None
-        w = self.config.growth_window
-        oldest = self._loss_ring[self._loss_seen % w] if self._loss_seen >= w else self._loss_ring[0]
-        return ~self._loss_last_finite | (self._loss_fast >= oldest)
-
-    def _converged(self) -> Tensor | None:
-        if self._loss_first is None:
-            return None
-        first = self._loss_first
-        return (first > 0) & (self._loss_fast < self.converged_loss_ratio * first)
 
     # ------------------------------------------------------------------ detection -> events (host)
     def _fired(self, watch: _Watch, bit: int, flags: np.ndarray, step: int, quiet: int) -> np.ndarray:
@@ -766,7 +779,14 @@ class GradGuard(Callback):
                 if np.isfinite(host[Row.UPDATE_RATIO, i]):
                     metrics[k(f"update_ratio/{name}")] = float(host[Row.UPDATE_RATIO, i])
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=log_step)
+            if id(logger) in self._failed_loggers:
+                continue
+            try:
+                logger.log_metrics(metrics, step=log_step)
+            except Exception as err:  # noqa: BLE001 - e.g. disk full: stop writing there, keep training
+                self._failed_loggers.add(id(logger))
+                log.warning("GradGuard: logging to %s failed (%r); the guard stops logging there, training goes on",
+                            type(logger).__name__, err)
         trainer.callback_metrics[k("norm_total")] = torch.tensor(float(norm[0]))
         return metrics
 
@@ -797,18 +817,12 @@ class GradGuard(Callback):
             }
         for index, pending in self._pending_state.items():
             watches.setdefault(index, pending)
-        loss = loss_ring = None
-        if self._loss_first is not None:
-            loss = torch.stack([self._loss_first, self._loss_fast]).cpu()  # sync: checkpoint time only
-            loss_ring = self._loss_ring.cpu()  # sync: checkpoint time only
         return {
             "version": 1,
             "events": [e.to_dict() for e in self.events],
             "event_counts": dict(self._event_counts),
             "watches": watches,
-            "loss": loss,
-            "loss_ring": loss_ring,
-            "loss_seen": self._loss_seen,
+            "loss": self._loss.state_dict(),
         }
 
     @override
@@ -819,15 +833,11 @@ class GradGuard(Callback):
         self._watches = {}
         self._opt_index = {}
         loss = state_dict.get("loss")
-        if isinstance(loss, Tensor) and loss.numel() == 2:
-            self._loss_first, self._loss_fast = loss[0].clone(), loss[1].clone()
-            self._loss_last_finite = torch.tensor(True)
-        ring = state_dict.get("loss_ring")
-        if isinstance(ring, Tensor) and ring.numel() == self.config.growth_window:
-            self._loss_ring = ring.clone()
-        self._loss_seen = int(state_dict.get("loss_seen", 0))
+        if isinstance(loss, dict):
+            self._loss.load_state_dict(loss)
 
     def _restore_watch(self, watch: _Watch) -> None:
+        self._loss.to(watch.detector.device)  # loaded on the CPU; the loss lives where the gradients do
         state = self._pending_state.pop(watch.index, None)
         if not state:
             return
@@ -842,12 +852,6 @@ class GradGuard(Callback):
         watch.last_fired = {int(b): np.asarray(v, dtype=np.int64) for b, v in state.get("last_fired", {}).items()}
         if watch.lr_scale is not None:
             watch.lr_scale.value = float(state.get("lr_scale", 1.0))
-        if self._loss_first is not None:
-            device = watch.detector.device
-            self._loss_first, self._loss_fast = self._loss_first.to(device), self._loss_fast.to(device)
-            self._loss_last_finite = self._loss_last_finite.to(device)
-            if self._loss_ring is not None:
-                self._loss_ring = self._loss_ring.to(device)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -870,6 +874,11 @@ def _series_row(values: Tensor | None, stats: GradStats, total: str = "none") ->
     else:
         head = torch.full((1,), math.nan, device=values.device)
     return torch.cat([head, values])
+
+
+def _is_sharded(strategy: Any) -> bool:
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    return bool(names & {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
 
 
 def _worst_first(flags: np.ndarray, host: np.ndarray, reason: str) -> list[int]:

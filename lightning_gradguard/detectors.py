@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor
 
-__all__ = ["Code", "DetectorConfig", "Row", "TrendDetector"]
+__all__ = ["Code", "DetectorConfig", "LossTrend", "Row", "TrendDetector"]
 
 
 class Code:
@@ -298,3 +298,80 @@ class TrendDetector:
 def config_fields() -> tuple[str, ...]:
     """Names of every :class:`DetectorConfig` threshold (``GradGuard`` arguments)."""
     return tuple(f.name for f in fields(DetectorConfig))
+
+
+class LossTrend:
+    """The loss's running level on the device: the gates of growth and vanishing.
+
+    * ``converged()``: the running level fell below ``converged_ratio`` of its
+      initial level (the mean of the first ``warmup`` finite losses): small
+      gradients are then expected, not vanishing. Off for losses that start
+      at or below zero (a ratio means nothing there).
+    * ``worsening()``: the running level is no better than ``window`` steps
+      ago, or the latest loss is NaN/Inf: growing norms are then a divergence.
+
+    >>> trend = LossTrend(warmup=2, window=3, converged_ratio=0.01)
+    >>> for loss in [2.0, 2.0, 1.0, 0.5]:
+    ...     trend.observe(torch.tensor(loss))
+    >>> bool(trend.worsening()), bool(trend.converged())
+    (False, False)
+    >>> for loss in [1e-4] * 80:
+    ...     trend.observe(torch.tensor(loss))
+    >>> bool(trend.converged())
+    True
+    """
+
+    def __init__(self, warmup: int, window: int, converged_ratio: float, rate: float = 0.1) -> None:
+        self.warmup, self.window, self.converged_ratio, self.rate = warmup, window, converged_ratio, rate
+        self.seen = 0  # host counter: ring indexing needs no sync
+        self.first: Tensor | None = None
+        self.fast: Tensor | None = None
+        self.ring: Tensor | None = None
+        self.last_finite: Tensor | None = None
+
+    def observe(self, loss: Tensor) -> None:
+        loss = loss.detach().float().reshape(())
+        finite = torch.isfinite(loss)
+        if self.first is None:
+            self.first = torch.where(finite, loss, math.nan)
+            self.fast = self.first.clone()
+            self.ring = torch.full((self.window,), math.nan, device=loss.device)
+        if self.seen < self.warmup:
+            mean = torch.where(torch.isnan(self.first), loss, self.first + (loss - self.first) / (self.seen + 1))
+            self.first = torch.where(finite, mean, self.first)
+        blended = torch.where(torch.isnan(self.fast), loss, self.fast + self.rate * (loss - self.fast))
+        self.fast = torch.where(finite, blended, self.fast)
+        self.last_finite = finite
+        self.ring[self.seen % self.window] = self.fast
+        self.seen += 1
+
+    def converged(self) -> Tensor | None:
+        if self.first is None:
+            return None
+        return (self.first > 0) & (self.fast < self.converged_ratio * self.first)
+
+    def worsening(self) -> Tensor | None:
+        if self.ring is None:
+            return None
+        oldest = self.ring[self.seen % self.window] if self.seen >= self.window else self.ring[0]
+        return ~self.last_finite | (self.fast >= oldest)
+
+    def state_dict(self) -> dict:
+        if self.first is None:
+            return {"seen": self.seen}
+        # sync: checkpoint time only
+        return {"seen": self.seen, "levels": torch.stack([self.first, self.fast]).cpu(), "ring": self.ring.cpu(),
+                "last_finite": bool(self.last_finite)}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.seen = int(state.get("seen", 0))
+        levels, ring = state.get("levels"), state.get("ring")
+        if isinstance(levels, Tensor) and levels.numel() == 2 and isinstance(ring, Tensor) and ring.numel() == self.window:
+            self.first, self.fast = levels[0].to(device).clone(), levels[1].to(device).clone()
+            self.ring = ring.to(device).clone()
+            self.last_finite = torch.tensor(bool(state.get("last_finite", True)), device=device)
+
+    def to(self, device: torch.device) -> None:
+        if self.first is not None:
+            self.first, self.fast, self.ring = self.first.to(device), self.fast.to(device), self.ring.to(device)
+            self.last_finite = self.last_finite.to(device)

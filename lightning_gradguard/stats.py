@@ -33,7 +33,7 @@ The same code runs in a bare training loop::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -169,6 +169,7 @@ def grad_stats(
     param_norms: bool = False,
     lrs: Sequence[float] | None = None,
     grad_scale: Tensor | None = None,
+    all_reduce: Callable[[Tensor, str], Tensor] | None = None,
 ) -> GradStats | None:
     """Measure the gradients currently held by ``plan.params``; ``None`` if none has one.
 
@@ -179,14 +180,22 @@ def grad_stats(
         lrs: the learning rate of each parameter of the plan (same order).
         grad_scale: divide every statistic by this device scalar; for gradients
             that are still multiplied by an AMP loss scale.
+        all_reduce: for sharded gradients (FSDP, DeepSpeed): ``all_reduce(t, op)``
+            with ``op`` ``"sum"`` or ``"max"`` combines the per-layer partial
+            sums across ranks (one collective for the sums, one more for max
+            ``|g|``), so every rank computes the same statistics.
     """
-    grads, positions = [], []
+    grads, positions, placeholder = [], [], False
     for i, p in enumerate(plan.params):
         if p.grad is not None:
             grads.append(p.grad)
             positions.append(i)
     if not grads:
-        return None
+        if all_reduce is None:
+            return None
+        # a rank holding no gradient shard must still join the collectives
+        device = plan.params[0].device if plan.params else torch.device("cpu")
+        grads, positions, placeholder = [torch.zeros(0, device=device)], [0], True
     device = grads[0].device
     n_layers = plan.num_layers
     index = plan.index(None if len(positions) == len(plan.params) else positions, device)
@@ -195,13 +204,26 @@ def grad_stats(
     if grad_scale is not None:
         tensor_norm = tensor_norm / grad_scale.to(device=device, dtype=torch.float32)
     zeros = torch.zeros(n_layers, dtype=torch.float32, device=device)
-    layer_sq = zeros.index_add(0, index, tensor_norm.square())
+    sums = [
+        zeros.index_add(0, index, tensor_norm.square()),
+        # a NaN/Inf anywhere in a tensor makes its norm NaN/Inf; count them per layer
+        zeros.index_add(0, index, (~torch.isfinite(tensor_norm)).float()),
+        zeros.index_add(0, index, torch.full_like(tensor_norm, 0.0 if placeholder else 1.0)),
+    ]
+    w_norm = None
+    if param_norms:
+        weights = [plan.params[i].detach() for i in positions]
+        w_norm = _tensor_norms(weights, 2.0, device)
+        sums.append(zeros.index_add(0, index, w_norm.square()))
+    if lrs is not None and param_norms:
+        # lr * |g| per tensor: scalars ride along as kernel arguments, no host->device copy
+        step = torch._foreach_mul(list(tensor_norm.unbind()), [float(lrs[i]) for i in positions])
+        sums.append(zeros.index_add(0, index, torch.stack(step).square()))
+    if all_reduce is not None:
+        sums = list(all_reduce(torch.stack(sums), "sum").unbind())
+    layer_sq = sums[0]
     norm = layer_sq.sqrt()
-    total = layer_sq.sum().sqrt()
-    # a NaN/Inf anywhere in a tensor makes its norm NaN/Inf; count them per layer
-    nonfinite = zeros.index_add(0, index, (~torch.isfinite(tensor_norm)).float()) > 0
-    present = zeros.index_add(0, index, torch.ones_like(tensor_norm)) > 0
-    stats = GradStats(plan.layers, norm, total, nonfinite, present)
+    stats = GradStats(plan.layers, norm, layer_sq.sum().sqrt(), sums[1] > 0, sums[2] > 0)
 
     if max_abs:
         tensor_max = _tensor_norms(grads, math.inf, device)
@@ -209,13 +231,10 @@ def grad_stats(
             tensor_max = tensor_max / grad_scale.to(device=device, dtype=torch.float32)
         # scatter_reduce's amax propagates NaN, so a NaN layer reports NaN
         stats.max_abs = zeros.scatter_reduce(0, index, tensor_max, "amax", include_self=True)
+        if all_reduce is not None:
+            stats.max_abs = all_reduce(stats.max_abs, "max")
     if param_norms:
-        weights = [plan.params[i].detach() for i in positions]
-        w_norm = _tensor_norms(weights, 2.0, device)
-        stats.param_norm = zeros.index_add(0, index, w_norm.square()).sqrt()
+        stats.param_norm = sums[3].sqrt()
         if lrs is not None:
-            # lr * |g| per tensor: scalars ride along as kernel arguments, no host->device copy
-            step = torch._foreach_mul(list(tensor_norm.unbind()), [float(lrs[i]) for i in positions])
-            update = zeros.index_add(0, index, torch.stack(step).square()).sqrt()
-            stats.update_ratio = update / stats.param_norm.clamp_min(torch.finfo(torch.float32).tiny)
+            stats.update_ratio = sums[4].sqrt() / stats.param_norm.clamp_min(torch.finfo(torch.float32).tiny)
     return stats

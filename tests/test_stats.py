@@ -127,3 +127,33 @@ def test_subset_of_gradients_uses_a_matching_index():
     stats = grad_stats(plan)
     assert stats.norm.tolist() == [0.0, 0.0, 5.0]
     assert stats.present.tolist() == [False, False, True]
+
+
+def test_sharded_partial_sums_are_combined_by_all_reduce():
+    """Two ranks each holding half of a layer's gradient: the reduced stats equal the whole."""
+    whole = nn.Linear(4, 2)
+    for p in whole.parameters():
+        p.grad = torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) - 1.5
+    expected = grad_stats(LayerPlan.from_named_parameters(whole.named_parameters()), max_abs=True, param_norms=True)
+
+    shard_a, shard_b = nn.Linear(4, 2), nn.Linear(4, 2)
+    with torch.no_grad():
+        for a, b, w in zip(shard_a.parameters(), shard_b.parameters(), whole.parameters()):
+            a.copy_(w), b.copy_(w)
+    for a, b, w in zip(shard_a.parameters(), shard_b.parameters(), whole.parameters()):
+        mask = torch.arange(w.numel()).reshape(w.shape) % 2 == 0
+        a.grad, b.grad = torch.where(mask, w.grad, 0.0), torch.where(mask, 0.0, w.grad)
+    plan_b = LayerPlan.from_named_parameters(shard_b.named_parameters())
+    partial_b = grad_stats(plan_b, max_abs=True)
+    sq_b = partial_b.norm.square()
+
+    def all_reduce(t, op):  # what dist.all_reduce would return on rank a
+        if op == "max":
+            return torch.maximum(t, partial_b.max_abs)
+        other = torch.stack([sq_b, torch.zeros_like(sq_b), torch.ones_like(sq_b)])
+        return t + torch.cat([other, torch.zeros_like(t[3:])])  # weights: counted once here
+
+    got = grad_stats(LayerPlan.from_named_parameters(shard_a.named_parameters()), max_abs=True, all_reduce=all_reduce)
+    assert got.total.item() == pytest.approx(expected.total.item(), rel=1e-6)
+    assert got.max_abs.tolist() == pytest.approx(expected.max_abs.tolist())
+    assert got.present.tolist() == [True] and got.nonfinite.tolist() == [False]
