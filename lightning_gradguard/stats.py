@@ -42,6 +42,8 @@ from torch import Tensor
 __all__ = ["GradStats", "LayerPlan", "grad_stats", "layer_name"]
 
 _ROOT = "(root)"
+# name components added by wrappers (torch.compile, DDP, FSDP, activation checkpointing), not layers
+_WRAPPERS = frozenset({"_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 def layer_name(param_name: str, depth: int | None = None) -> str:
@@ -55,8 +57,10 @@ def layer_name(param_name: str, depth: int | None = None) -> str:
     'encoder.layers.0'
     >>> layer_name("scale")
     '(root)'
+    >>> layer_name("net._orig_mod.0.weight")  # torch.compile's wrapper is not a layer
+    'net.0'
     """
-    parts = param_name.split(".")[:-1]
+    parts = [p for p in param_name.split(".")[:-1] if p not in _WRAPPERS]
     if depth is not None:
         parts = parts[:depth]
     return ".".join(parts) or _ROOT
