@@ -8,8 +8,9 @@
 
 from lightning_gradguard.callback import GradGuard
 from lightning_gradguard.events import GradEvent, GradientHealthError
+from lightning_gradguard.pictures import PicturesSink
 from lightning_gradguard.sinks import GuardSink
 from lightning_gradguard.stats import GradStats, LayerPlan, grad_stats
 
-__all__ = ["GradEvent", "GradGuard", "GradStats", "GradientHealthError", "GuardSink", "LayerPlan", "grad_stats"]
+__all__ = ["GradEvent", "GradGuard", "GradStats", "GradientHealthError", "GuardSink", "LayerPlan", "PicturesSink", "grad_stats"]
 __version__ = "0.1.0"

@@ -162,6 +162,11 @@ class GradGuard(Callback):
     - ``grad/rollbacks``: rollbacks so far (``"rollback"`` configured).
     - ``grad/amp_overflows``: fp16 GradScaler overflow steps so far.
 
+    On W&B (``WandbSink``, added automatically with a ``WandbLogger``) also the
+    images ``grad/flow`` (layers x steps heatmap) and ``grad/norms`` (latest
+    per-layer norms), optional ``grad/hist/<layer>`` histograms, alerts, and
+    the run summary.
+
     Attributes:
         events: list of :class:`~lightning_gradguard.GradEvent`, oldest first.
     """
@@ -295,7 +300,7 @@ class GradGuard(Callback):
 
             if wandb_run(trainer) is not None:
                 active.append(WandbSink())
-            elif self.wandb:
+            elif self.wandb and trainer.is_global_zero:
                 raise ValueError(
                     "`wandb=True` but no W&B run was found: attach a `WandbLogger` to the Trainer "
                     "(or start `wandb.init()` before fit), or pass `wandb=None`."
@@ -320,7 +325,8 @@ class GradGuard(Callback):
         self._lr_scales = {}
 
     @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # on_train_end, not on_fit_end: Lightning finalizes the loggers in between
         self._sink_call("on_fit_end", trainer, self.summary())
 
     @override
@@ -359,7 +365,8 @@ class GradGuard(Callback):
             "rollbacks": counts.get("rollbacks", 0),
             "amp_overflows": counts.get("amp_overflows", 0),
             "lr_scale": first.lr_scale.value if first is not None and first.lr_scale is not None else 1.0,
-            "worst_layer": max(set(named), key=named.count) if named else None,
+            # ties go to the layer named first (deterministic, unlike set order)
+            "worst_layer": max(dict.fromkeys(named), key=named.count) if named else None,
         }
 
     @override

@@ -307,8 +307,10 @@ class LossTrend:
       initial level (the mean of the first ``warmup`` finite losses): small
       gradients are then expected, not vanishing. Off for losses that start
       at or below zero (a ratio means nothing there).
-    * ``worsening()``: the running level is no better than ``window`` steps
-      ago, or the latest loss is NaN/Inf: growing norms are then a divergence.
+    * ``worsening()``: the running level (of finite losses) is no better than
+      ``window`` steps ago: growing norms are then a divergence. A NaN/Inf loss
+      does not open this gate by itself (its gradients are reported as
+      non-finite; one skipped NaN step must not turn healthy growth into an alarm).
 
     >>> trend = LossTrend(warmup=2, window=3, converged_ratio=0.01)
     >>> for loss in [2.0, 2.0, 1.0, 0.5]:
@@ -327,7 +329,6 @@ class LossTrend:
         self.first: Tensor | None = None
         self.fast: Tensor | None = None
         self.ring: Tensor | None = None
-        self.last_finite: Tensor | None = None
 
     def observe(self, loss: Tensor) -> None:
         loss = loss.detach().float().reshape(())
@@ -341,7 +342,6 @@ class LossTrend:
             self.first = torch.where(finite, mean, self.first)
         blended = torch.where(torch.isnan(self.fast), loss, self.fast + self.rate * (loss - self.fast))
         self.fast = torch.where(finite, blended, self.fast)
-        self.last_finite = finite
         self.ring[self.seen % self.window] = self.fast
         self.seen += 1
 
@@ -354,14 +354,13 @@ class LossTrend:
         if self.ring is None:
             return None
         oldest = self.ring[self.seen % self.window] if self.seen >= self.window else self.ring[0]
-        return ~self.last_finite | (self.fast >= oldest)
+        return self.fast >= oldest
 
     def state_dict(self) -> dict:
         if self.first is None:
             return {"seen": self.seen}
         # sync: checkpoint time only
-        return {"seen": self.seen, "levels": torch.stack([self.first, self.fast]).cpu(), "ring": self.ring.cpu(),
-                "last_finite": bool(self.last_finite)}
+        return {"seen": self.seen, "levels": torch.stack([self.first, self.fast]).cpu(), "ring": self.ring.cpu()}
 
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
         self.seen = int(state.get("seen", 0))
@@ -369,9 +368,7 @@ class LossTrend:
         if isinstance(levels, Tensor) and levels.numel() == 2 and isinstance(ring, Tensor) and ring.numel() == self.window:
             self.first, self.fast = levels[0].to(device).clone(), levels[1].to(device).clone()
             self.ring = ring.to(device).clone()
-            self.last_finite = torch.tensor(bool(state.get("last_finite", True)), device=device)
 
     def to(self, device: torch.device) -> None:
         if self.first is not None:
             self.first, self.fast, self.ring = self.first.to(device), self.fast.to(device), self.ring.to(device)
-            self.last_finite = self.last_finite.to(device)

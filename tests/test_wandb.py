@@ -1,0 +1,303 @@
+"""W&B integration: real offline runs read back from their ``.wandb`` file, plus the sink's rules with a fake run.
+
+The library never calls ``wandb.init`` / ``wandb.finish``; the tests do, to own
+and flush the run they read back (see ``wandb_records.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from helpers import DigitsMLP, FaultyMLP, digits_loader, trainer
+from lightning_gradguard import GradEvent, GradGuard
+from lightning_gradguard.integrations import wandb as gg_wandb
+from lightning_gradguard.integrations.wandb import WandbSink, alert_level, alert_text, alert_title, wandb_run
+from wandb_records import find_run_file, read_run
+
+wandb = pytest.importorskip("wandb")
+
+STEPS = 30
+FAULTS = {7: "inf", 9: "inf", 12: "inf", 20: "spike"}  # one non-finite incident (three steps), one spike
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """Offline, silent, everything under tmp_path; no run left behind."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    yield tmp_path
+    if wandb.run is not None:
+        wandb.finish()
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory):
+    """One real offline run shared by the tests below: faults at known steps, pictures and histograms on."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    root = tmp_path_factory.mktemp("wandb")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        mp.setenv("WANDB_DIR", str(root))
+        sink = WandbSink(pictures_every_n_steps=15, histogram_layers=["net.0", "net.4"],
+                         histogram_every_n_steps=10, histogram_bins=32)
+        guard = GradGuard(sinks=[sink])
+        model = FaultyMLP(FAULTS, optimizer="sgd", lr=0.05)
+        logger = WandbLogger(offline=True, save_dir=str(root))
+        trainer(logger=logger, max_steps=STEPS, log_every_n_steps=5, callbacks=[guard]).fit(model, digits_loader())
+        wandb.finish()  # the test owns the run: flush it before reading
+    path = find_run_file(str(root))
+    return guard, sink, read_run(path), os.path.dirname(path)
+
+
+# ---------------------------------------------------------------------- real offline runs
+def test_history_rows_carry_grad_keys_at_the_logged_steps(faulty_run):
+    guard, _, run, _ = faulty_run
+    steps = {row["trainer/global_step"] for row in run.rows_with("grad/norm_total")}
+    logged = {s for s in range(STEPS) if (s + 1) % 5 == 0}
+    assert steps == logged | {e.step for e in guard.events}  # every 5th step, and every step with an event
+    (row,) = [r for r in run.rows_with("grad/norm_total") if r["trainer/global_step"] == 9]
+    assert row["grad/norm/net.0"] == "NaN" or row["grad/norm/net.0"] != row["grad/norm/net.0"]  # NaN survives
+    assert row["grad/events/nonfinite"] == 2 and row["grad/skipped_steps"] == 2
+
+
+def test_one_alert_per_kind_and_layer_with_title_level_and_facts(faulty_run):
+    guard, sink, run, _ = faulty_run
+    assert [(e.step, e.kind, e.layer) for e in guard.events] == [
+        (7, "nonfinite", "net.0"), (9, "nonfinite", "net.0"), (12, "nonfinite", "net.0"), (20, "exploding", "net.0"),
+    ]
+    nonfinite, exploding = run.alerts  # three NaN steps in one layer within the window: one alert
+    assert nonfinite["title"] == "GradGuard: nonfinite gradients in net.0"
+    assert nonfinite["level"] == "ERROR"
+    for fact in ("step: 7", "layer: net.0", "kind: nonfinite", "value: nan", "threshold: inf", "actions: skip, alert"):
+        assert fact in nonfinite["text"]
+    assert nonfinite["text"].startswith(guard.events[0].message)
+    assert nonfinite["wait_duration"] == 600_000  # the server-side window matches ours (ms)
+    assert exploding["title"] == "GradGuard: exploding gradients in net.0"
+    assert exploding["level"] == "WARN"
+    assert "step: 20" in exploding["text"] and "actions: clip, alert" in exploding["text"]
+    assert all(len(a["title"]) < 64 for a in run.alerts)
+    assert (sink.alerts_sent, sink.alerts_suppressed) == (2, 2)
+
+
+def test_heatmap_and_bar_chart_are_logged_as_images(faulty_run):
+    _, _, run, run_dir = faulty_run
+    rows = run.rows_with("grad/flow")
+    assert [r["trainer/global_step"] for r in rows] == [14, 29]  # every 15 steps; the end adds nothing new
+    for row in rows:
+        for key in ("grad/flow", "grad/norms"):
+            image = row[key]
+            assert image["_type"] == "image-file" and image["format"] == "png"
+            assert image["width"] == 1000 and image["height"] == 300
+            assert os.path.getsize(os.path.join(run_dir, "files", image["path"])) > 5000
+    assert "step" in rows[0]["grad/flow"]["caption"]
+
+
+def test_gradient_histograms_for_chosen_layers(faulty_run):
+    _, _, run, _ = faulty_run
+    rows = run.rows_with("grad/hist/net.0")
+    # every 10th step; step 9 was skipped (its NaN gradients were dropped), so that one waits for step 10
+    assert [r["trainer/global_step"] for r in rows] == [10, 19, 29]
+    for row in rows:
+        assert "grad/hist/net.2" not in row
+        for key in ("grad/hist/net.0", "grad/hist/net.4"):
+            hist = row[key]
+            assert hist["_type"] == "histogram"
+            assert len(hist["values"]) == 32 and len(hist["bins"]) == 33
+            assert sum(hist["values"]) > 0
+
+
+def test_run_summary_has_the_counts(faulty_run):
+    _, _, run, _ = faulty_run
+    s = run.summary
+    assert (s["grad/events/nonfinite"], s["grad/events/exploding"], s["grad/events/vanishing"]) == (3, 1, 0)
+    assert s["grad/steps"] == STEPS
+    assert s["grad/worst_layer"] == "net.0"
+    assert s["grad/skipped_fraction"] == pytest.approx(3 / STEPS)
+    assert s["grad/clipped_fraction"] == pytest.approx(1 / STEPS)
+    assert s["grad/lr_scale"] == 1.0
+    assert (s["grad/alerts_sent"], s["grad/alerts_suppressed"]) == (2, 2)
+
+
+def test_an_active_wandb_run_is_used_without_a_wandb_logger(wandb_env):
+    run = wandb.init(project="gradguard-test", dir=str(wandb_env), mode="offline")
+    guard = GradGuard()  # the W&B sink is added automatically
+    trainer(max_steps=10, callbacks=[guard]).fit(FaultyMLP({3: "nan_layer"}), digits_loader())
+    assert [type(s).__name__ for s in guard._active_sinks] == ["WandbSink"]
+    run.finish()
+    records = read_run(find_run_file(str(wandb_env)))
+    (alert,) = records.alerts
+    assert alert["title"] == "GradGuard: nonfinite gradients in net.2" and "step: 3" in alert["text"]
+    assert records.rows_with("grad/flow")  # the final picture, although no logger logs scalars
+    assert records.summary["grad/events/nonfinite"] == 1
+
+
+def test_no_wandb_run_means_no_wandb_sink(wandb_env):
+    assert wandb.run is None
+    guard = GradGuard()
+    trainer(max_steps=3, callbacks=[guard]).fit(DigitsMLP(), digits_loader())
+    assert guard._active_sinks == []
+    with pytest.raises(ValueError, match=r"`wandb=True` but no W&B run was found"):
+        trainer(max_steps=3, callbacks=[GradGuard(wandb=True)]).fit(DigitsMLP(), digits_loader())
+
+
+# ---------------------------------------------------------------------- without wandb installed
+def test_everything_works_when_wandb_cannot_be_imported(monkeypatch, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    with pytest.raises(ImportError):
+        import wandb as _  # noqa: F401
+    logger = CSVLogger(tmp_path)
+    t = trainer(max_steps=12, logger=logger, log_every_n_steps=4)
+    assert wandb_run(t) is None
+    guard = GradGuard()
+    t = trainer(max_steps=12, logger=logger, log_every_n_steps=4, callbacks=[guard])
+    t.fit(FaultyMLP({5: "inf"}), digits_loader())
+    assert [e.step for e in guard.events] == [5]
+    assert guard._active_sinks == []
+    with pytest.raises(ValueError, match=r"`wandb=True` but no W&B run was found"):
+        trainer(max_steps=2, callbacks=[GradGuard(wandb=True)]).fit(DigitsMLP(), digits_loader())
+
+
+# ---------------------------------------------------------------------- the sink's rules, with a fake run
+class FakeRun:
+    def __init__(self) -> None:
+        self.alerts: list[dict] = []
+        self.logged: list[dict] = []
+        self.summary: dict = {}
+
+    def alert(self, **kwargs) -> None:
+        self.alerts.append(kwargs)
+
+    def log(self, row: dict) -> None:
+        self.logged.append(row)
+
+
+class FakeGuard:
+    prefix = "grad/"
+    _watches: dict = {}
+
+
+def event(step, kind="nonfinite", layer="net.0", actions=("skip", "alert"), optimizer=0, reason="nan"):
+    return GradEvent(step, kind, layer, float("nan"), float("inf"), actions, f"step {step}: something", reason,
+                     optimizer, (layer,) if layer else ())
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    run = FakeRun()
+    monkeypatch.setattr(gg_wandb, "wandb_run", lambda trainer: run)
+    return run
+
+
+def make_sink(fake, clock, **kwargs) -> WandbSink:
+    sink = WandbSink(pictures=False, **kwargs)
+    sink.setup(FakeGuard(), None)
+    sink._clock = lambda: clock[0]
+    return sink
+
+
+def test_rate_limit_per_kind_and_layer_with_a_window(fake):
+    clock = [0.0]
+    sink = make_sink(fake, clock, alert_window_s=60)
+    for step, t, kind, layer in [
+        (1, 0, "nonfinite", "net.0"),    # sent
+        (2, 10, "nonfinite", "net.0"),   # same kind and layer within 60 s: held back
+        (3, 20, "nonfinite", "net.2"),   # another layer: sent
+        (4, 30, "exploding", "net.0"),   # another kind: sent
+        (5, 50, "nonfinite", "net.0"),   # held back
+        (6, 61, "nonfinite", "net.0"),   # window over: sent, saying 2 were held back
+        (7, 62, "nonfinite", None),      # global: its own key
+    ]:
+        clock[0] = t
+        sink.on_event(FakeGuard(), None, event(step, kind, layer, actions=("alert",)))
+    assert [a["text"].split(":")[0] for a in fake.alerts] == ["step 1", "step 3", "step 4", "step 6", "step 7"]
+    assert "(2 more alerts like this one were held back in the last 60 s)" in fake.alerts[3]["text"]
+    assert fake.alerts[4]["title"] == "GradGuard: nonfinite gradients (global)"
+    assert (sink.alerts_sent, sink.alerts_suppressed) == (5, 2)
+    assert all(a["wait_duration"] == 60 for a in fake.alerts)
+
+
+def test_without_a_window_every_alert_goes_out_up_to_max_alerts(fake):
+    sink = make_sink(fake, [0.0], alert_window_s=0, max_alerts=3)
+    for step in range(5):
+        sink.on_event(FakeGuard(), None, event(step))
+    assert [a["text"].split(":")[0] for a in fake.alerts] == ["step 0", "step 1", "step 2"]
+    assert fake.alerts[0]["wait_duration"] == 0.001  # never 0: W&B would read it as its default minute
+    assert sink.alerts_suppressed == 2
+
+
+def test_only_events_with_the_alert_response_alert(fake):
+    sink = make_sink(fake, [0.0])
+    sink.on_event(FakeGuard(), None, event(1, actions=("log",)))
+    sink.on_event(FakeGuard(), None, event(2, actions=("skip",)))
+    assert fake.alerts == []
+
+
+def test_level_title_and_text():
+    assert alert_level(event(1, "nonfinite")) == "ERROR"
+    assert alert_level(event(1, "exploding", actions=("clip", "alert"))) == "WARN"
+    assert alert_level(event(1, "vanishing", actions=("alert",))) == "WARN"
+    assert alert_level(event(1, "exploding", actions=("alert", "stop"))) == "ERROR"
+    assert alert_level(event(1, "exploding", actions=("rollback", "alert"))) == "ERROR"
+    long = event(3, "vanishing", "model.encoder.layers.23.attention.self.query_key_value.lora_A", optimizer=2)
+    title = alert_title(long)
+    assert len(title) == 63 and title.startswith("GradGuard: vanishing gradients in ...")
+    assert title.endswith("lora_A (optimizer 2)")
+    text = alert_text(long)
+    assert "optimizer: 2" in text and "layer: model.encoder.layers.23" in text
+
+
+def test_summary_goes_to_the_run_summary(fake):
+    sink = make_sink(fake, [0.0])
+    sink.on_fit_end(FakeGuard(), None, {"events/nonfinite": 2, "worst_layer": None, "lr_scale": 0.5})
+    assert fake.summary == {"grad/events/nonfinite": 2, "grad/worst_layer": "none", "grad/lr_scale": 0.5,
+                            "grad/alerts_sent": 0, "grad/alerts_suppressed": 0}
+
+
+def test_without_matplotlib_pictures_switch_off_and_alerts_go_on(fake, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    sink = WandbSink()
+    sink.setup(FakeGuard(), None)
+    assert sink.pictures is False
+    sink.on_event(FakeGuard(), None, event(1))
+    assert len(fake.alerts) == 1
+
+
+def test_pictures_and_histograms_per_optimizer_in_a_real_trainer(fake):
+    from test_pictures import TwoOptimizers
+
+    sink = WandbSink(pictures_every_n_steps=4, histogram_layers=["net.*"], histogram_every_n_steps=4,
+                     histogram_bins=8)
+    trainer(max_steps=8, callbacks=[GradGuard(sinks=[sink])]).fit(TwoOptimizers(), digits_loader())
+    keys = [sorted(k for k in row if k != "trainer/global_step") for row in fake.logged]
+    # each optimizer steps 4 times (global_step counts both): pictures at its 4th step, histograms too
+    assert keys == [
+        ["grad/opt0/flow", "grad/opt0/norms"], ["grad/opt0/hist/net.0", "grad/opt0/hist/net.2"],
+        ["grad/opt1/flow", "grad/opt1/norms"], ["grad/opt1/hist/net.4"],
+    ]
+    assert all(isinstance(v, wandb.Image) for k, v in fake.logged[0].items() if k.endswith(("flow", "norms")))
+    assert fake.summary["grad/steps"] == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(alert_window_s=-1), r"`alert_window_s` must be a number of seconds >= 0, got -1"),
+        (dict(max_alerts=1.5), r"`max_alerts` must be an integer >= 0, got 1.5"),
+        (dict(pictures_every_n_steps=-5), r"`pictures_every_n_steps` must be None or an integer >= 0, got -5"),
+        (dict(max_columns=1), r"`max_columns` must be an integer >= 2, got 1"),
+        (dict(histogram_bins=513), r"`histogram_bins` must be an integer in 1..512"),
+        (dict(histogram_every_n_steps=0), r"`histogram_every_n_steps` must be an integer >= 1, got 0"),
+        (dict(histogram_layers="net.0"), r"wrap it in a list: \['net.0'\]"),
+    ],
+)
+def test_arguments_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        WandbSink(**kwargs)
