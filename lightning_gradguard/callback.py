@@ -281,6 +281,7 @@ class GradGuard(Callback):
         # running loss level on the device (the growth and vanishing gates); see on_train_batch_end
         self._loss = LossTrend(self.config.warmup_steps, self.config.growth_window, self.converged_loss_ratio)
         self._scaler: Any = None
+        self._reduce = None  # cross-rank reduction of partial sums, for sharded strategies
 
     # ------------------------------------------------------------------ Lightning hooks
     @property
@@ -292,6 +293,7 @@ class GradGuard(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         plugin = trainer.precision_plugin
         self._scaler = getattr(plugin, "scaler", None)
+        self._reduce = self._all_reduce(trainer)
         if stage != "fit":
             return
         active = list(self.sinks)
@@ -413,22 +415,23 @@ class GradGuard(Callback):
             param_norms=param_step,
             lrs=self._lrs(watch, optimizer) if param_step else None,
             grad_scale=self._unscaled_factor(optimizer),
-            all_reduce=self._all_reduce(trainer),
+            all_reduce=self._reduce,
         )
         if stats is None:
             return
+        weight_row = _series_row(stats.param_norm, stats, total="l2")
         report = watch.detector.update(
             *_series(stats),
             converged=self._loss.converged(),
             update_ratio=_series_row(stats.update_ratio, stats),
             worsening=self._loss.worsening(),
-            weight_norm=_series_row(stats.param_norm, stats, total="l2"),
+            weight_norm=weight_row,
         )
         rows = [report]
         if is_log_step:
             rows.append(_series_row(stats.max_abs, stats, total="max")[None])
         if param_step:
-            rows.append(_series_row(stats.param_norm, stats, total="l2")[None])
+            rows.append(weight_row[None])
         # THE host sync of this step (one device->host copy of a few floats per layer):
         # events, actions and logging all need the numbers on the host.
         host = torch.cat(rows).cpu().numpy()
@@ -476,7 +479,8 @@ class GradGuard(Callback):
         lr_of = {id(p): float(g["lr"]) * scale for g in optimizer.param_groups for p in g["params"]}
         return [lr_of.get(id(p), 0.0) for p in watch.plan.params]
 
-    def _all_reduce(self, trainer: Trainer):
+    @staticmethod
+    def _all_reduce(trainer: Trainer):
         """For strategies whose ranks hold gradient *shards* (FSDP, DeepSpeed, model parallel):
         combine the per-layer partial sums across ranks, so every rank computes the same numbers
         and so takes the same decisions (a rank acting alone would hang the others).
