@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -54,8 +55,12 @@ class _Watch:
     last_fired: dict[int, np.ndarray] = field(default_factory=dict)
     overflow_streak: int = 0
     rollbacks_in_a_row: int = 0
+    bad_streak: int = 0  # consecutive steps flagged exploding / non-finite
+    skip_streak: int = 0  # consecutive steps skipped
+    rollback_lr_ratio: float | None = None  # effective LR of the restored snapshot / effective LR before
     last_lr_change: int = -(10**9)
     healthy_since: int = 0
+    group_index: Tensor | None = None  # param group of each plan parameter (for update ratios)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
 
     def series_name(self, i: int) -> str | None:
@@ -88,9 +93,12 @@ class GradGuard(Callback):
             (``encoder.layers.0.linear1``); with ``group_depth=3`` layers are
             grouped by their first three name components (``encoder.layers.0``),
             for models with thousands of tensors.
-        param_stats_every_n_steps: cadence of parameter norms and
-            update-to-weight ratios (one extra pass over the weights); ``None``
-            means at logged steps when per-layer logging is on, ``0`` never.
+        detail_every_n_steps: cadence of the statistics that cost an extra
+            pass over gradients or weights: max ``|g|``, weight norms and
+            update-to-weight ratios. ``None`` (default): every 50 steps, or
+            every logged step if logging is rarer; ``0`` never. (Weight norms
+            are also measured during the first ``warmup_steps`` steps for
+            ``max_grad_weight_ratio``.)
         warmup_steps: steps before the running level is trusted for spikes
             (before it, a spike is a norm ``warmup_spike_ratio`` x the largest seen).
         spike_zscore: a spike is this many robust deviations above the running
@@ -122,6 +130,12 @@ class GradGuard(Callback):
             initial level. Read from ``training_step``'s returned loss.
         amp_overflow_patience: under a fp16 GradScaler, overflow steps are
             normal (the scaler skips them); only this many in a row is reported.
+        max_consecutive_skips: after this many skipped steps in a row the
+            weights are evidently broken and skipping cannot help: the guard
+            stops the run (gracefully, reason logged). ``None``: skip forever.
+        alert_quiet_steps: an alert for the same (kind, reason, layer) is
+            repeated at most once per this many steps; events in between are
+            still recorded and logged.
         lr_factor: ``"reduce_lr"`` multiplies the learning rate by this...
         lr_cooldown: ...at most once per this many steps (except right after a
             rollback: retrying at the same LR would fail the same way)...
@@ -133,6 +147,11 @@ class GradGuard(Callback):
             (weights + optimizer state))...
         rollback_margin: ...restores the newest one at least this many steps
             older than the event (the damage often precedes the symptom)...
+            A lone bad step is only skipped (its gradient never reached the
+            weights: nothing to undo); a second one in a row, sustained growth
+            or a gradient/weight-ratio alarm means damage and rolls back. With
+            ``"reduce_lr"``, a rollback also brings the effective LR back to at
+            most what the restored snapshot trained with (undoing an LR jump)...
         max_rollbacks: ...and stops training after this many rollbacks in a
             row that did not help.
         prefix: prefix of every logged key.
@@ -142,6 +161,9 @@ class GradGuard(Callback):
         wandb: W&B alerts, pictures and run summary: ``None`` (default) adds
             them when a ``WandbLogger`` is attached or a ``wandb.run`` is
             active and ``wandb`` imports; ``False`` never; ``True`` requires it.
+        record: write the run record (``gradguard.jsonl``: per-step norms,
+            events, summary) that the ``gradguard`` command reads: ``True``
+            into the Trainer's log folder, or a file/folder path; ``None`` off.
 
     Logged keys (through ``trainer.loggers``, at the step Lightning logs its own
     metrics; with several optimizers every key gets ``opt<i>/`` after the prefix):
@@ -149,9 +171,10 @@ class GradGuard(Callback):
     - ``grad/norm_total``: global L2 norm of the gradients the optimizer is
       about to apply (before any clipping), every logged step.
     - ``grad/norm/<layer>``: per-layer L2 norm (subject to ``log_layers``).
-    - ``grad/max_abs/<layer>``, ``grad/max_abs_total``: largest ``|g|``.
+    - ``grad/max_abs/<layer>``, ``grad/max_abs_total``: largest ``|g|``, at
+      ``detail_every_n_steps``.
     - ``grad/param_norm/<layer>``, ``grad/update_ratio/<layer>``: weight norm
-      and ``lr * |g| / |w|``, at ``param_stats_every_n_steps``.
+      and ``lr * |g| / |w|``, at ``detail_every_n_steps``.
     - ``grad/nonfinite_layers``: layers holding NaN/Inf this step.
     - ``grad/events/<kind>``: events so far, per kind.
     - ``grad/clip_coef``, ``grad/norm_clipped``: coefficient applied this step
@@ -181,7 +204,7 @@ class GradGuard(Callback):
         log_layers: Literal["all", "topk", "none"] = "topk",
         top_k: int = 5,
         group_depth: int | None = None,
-        param_stats_every_n_steps: int | None = None,
+        detail_every_n_steps: int | None = None,
         warmup_steps: int = 10,
         spike_zscore: float = 6.0,
         spike_min_ratio: float = 4.0,
@@ -198,6 +221,8 @@ class GradGuard(Callback):
         vanish_patience: int = 50,
         converged_loss_ratio: float = 0.01,
         amp_overflow_patience: int = 20,
+        max_consecutive_skips: int | None = 25,
+        alert_quiet_steps: int = 100,
         lr_factor: float = 0.5,
         lr_cooldown: int = 50,
         lr_min_scale: float = 1e-3,
@@ -209,6 +234,7 @@ class GradGuard(Callback):
         prefix: str = "grad/",
         sinks: Sequence[GuardSink] | None = None,
         wandb: bool | None = None,
+        record: bool | str | None = None,
     ) -> None:
         super().__init__()
         self.on_nonfinite = check_responses("on_nonfinite", "nonfinite", on_nonfinite)
@@ -218,8 +244,8 @@ class GradGuard(Callback):
         self.log_layers = check_choice("log_layers", log_layers, ("all", "topk", "none"))
         self.top_k = check_number("top_k", top_k, low=1, integer=True)
         self.group_depth = check_number("group_depth", group_depth, low=1, integer=True, optional=True)
-        self.param_stats_every_n_steps = check_number(
-            "param_stats_every_n_steps", param_stats_every_n_steps, low=0, integer=True, optional=True
+        self.detail_every_n_steps = check_number(
+            "detail_every_n_steps", detail_every_n_steps, low=0, integer=True, optional=True
         )
         positive = dict(low=0, low_open=True)
         above_one = dict(low=1, low_open=True)
@@ -246,6 +272,11 @@ class GradGuard(Callback):
         )
         self.converged_loss_ratio = check_number("converged_loss_ratio", converged_loss_ratio, high=1, **positive)
         self.amp_overflow_patience = check_number("amp_overflow_patience", amp_overflow_patience, low=1, integer=True)
+        self.max_consecutive_skips = check_number(
+            "max_consecutive_skips", max_consecutive_skips, low=1, integer=True, optional=True
+        )
+        self.alert_quiet_steps = check_number("alert_quiet_steps", alert_quiet_steps, low=0, integer=True)
+        self._last_alert: dict[tuple, int] = {}
         self.lr_factor = check_number("lr_factor", lr_factor, low=0, low_open=True, high=1)
         if self.lr_factor == 1:
             raise ValueError("`lr_factor` must be below 1 to reduce the learning rate, got 1.")
@@ -263,6 +294,12 @@ class GradGuard(Callback):
         for sink in sinks:
             if not isinstance(sink, GuardSink):
                 raise ValueError(f"`sinks` must hold GuardSink instances, got {sink!r}. Subclass lightning_gradguard.GuardSink.")
+        if record is not None and record is not False:
+            if not (record is True or isinstance(record, (str, os.PathLike))):
+                raise ValueError(f"`record` must be True, a file or folder path, or None, got {record!r}.")
+            from lightning_gradguard.record import RecordSink
+
+            sinks.append(RecordSink(None if record is True else record))
         self.sinks: list[GuardSink] = sinks
         if wandb not in (None, True, False):
             raise ValueError(f"`wandb` must be None (automatic), True or False, got {wandb!r}.")
@@ -399,19 +436,16 @@ class GradGuard(Callback):
         every = self.log_every_n_steps or trainer.log_every_n_steps
         logging_on = bool(trainer.loggers)
         is_log_step = logging_on and (log_step + 1) % every == 0
-        param_every = self.param_stats_every_n_steps
-        if self.config.max_update_ratio is not None or (
+        detail_every = max(every, 50) if self.detail_every_n_steps is None else self.detail_every_n_steps
+        detail_step = logging_on and detail_every > 0 and (log_step + 1) % detail_every == 0
+        # weight norms: for logging at the detail cadence, and every step where a check needs them
+        param_step = detail_step or self.config.max_update_ratio is not None or (
             self.config.max_grad_weight_ratio is not None and watch.counts["steps"] < self.config.warmup_steps
-        ):
-            param_step = True
-        elif param_every is None:
-            param_step = is_log_step and self.log_layers != "none"
-        else:
-            param_step = logging_on and param_every > 0 and (log_step + 1) % param_every == 0
+        )
 
         stats = grad_stats(
             watch.plan,
-            max_abs=is_log_step,
+            max_abs=detail_step,
             param_norms=param_step,
             lrs=self._lrs(watch, optimizer) if param_step else None,
             grad_scale=self._unscaled_factor(optimizer),
@@ -428,7 +462,7 @@ class GradGuard(Callback):
             weight_norm=weight_row,
         )
         rows = [report]
-        if is_log_step:
+        if detail_step:
             rows.append(_series_row(stats.max_abs, stats, total="max")[None])
         if param_step:
             rows.append(weight_row[None])
@@ -441,7 +475,7 @@ class GradGuard(Callback):
         clip_coef = self._respond(trainer, pl_module, optimizer, watch, host, events, step)
         metrics = None
         if is_log_step or events:
-            metrics = self._log(trainer, watch, host, is_log_step, param_step, clip_coef, log_step)
+            metrics = self._log(trainer, watch, host, detail_step, param_step and logging_on, clip_coef, log_step)
         if self._active_sinks:
             self._sink_call("on_step", trainer, optimizer=watch.index, step=step, log_step=log_step,
                             layers=watch.plan.layers, norms=host[Row.NORM], metrics=metrics)
@@ -473,11 +507,22 @@ class GradGuard(Callback):
             self._watches[index] = watch
         return watch
 
-    def _lrs(self, watch: _Watch, optimizer: torch.optim.Optimizer) -> list[float]:
+    def _lrs(self, watch: _Watch, optimizer: torch.optim.Optimizer) -> Tensor:
+        """Each plan parameter's effective LR, as a device vector: O(param groups) work, no copy."""
+        if watch.group_index is None:
+            group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+            ids = [group_of.get(id(p), 0) for p in watch.plan.params]
+            watch.group_index = torch.tensor(ids, device=watch.detector.device)  # once per optimizer
         scale = watch.lr_scale.value if watch.lr_scale else 1.0
-        # a tensor lr (capturable optimizers) costs a sync here; only at the param-stats cadence
-        lr_of = {id(p): float(g["lr"]) * scale for g in optimizer.param_groups for p in g["params"]}
-        return [lr_of.get(id(p), 0.0) for p in watch.plan.params]
+        device = watch.detector.device
+        # torch.full launches a fill kernel with the value as an argument (no host->device copy);
+        # a tensor lr (capturable optimizers) stays on the device
+        per_group = torch.stack([
+            g["lr"].to(device, torch.float32).reshape(()) * scale if isinstance(g["lr"], Tensor)
+            else torch.full((), float(g["lr"]) * scale, device=device)
+            for g in optimizer.param_groups
+        ])
+        return per_group[watch.group_index]
 
     @staticmethod
     def _all_reduce(trainer: Trainer):
@@ -640,35 +685,62 @@ class GradGuard(Callback):
     # ------------------------------------------------------------------ events -> actions
     def _respond(self, trainer, pl_module, optimizer, watch: _Watch, host, events: list[GradEvent], step: int) -> float:
         """Apply the configured responses; fill each event's ``actions``; return the clip coefficient applied."""
+        code = host[Row.CODE].astype(np.int64)
+        exploding_now = bool((code & Code.EXPLODING).any())
+        bad_now = exploding_now or (bool((code & Code.NONFINITE).any()) and self._scaler is None)
+        bad_before, watch.bad_streak = watch.bad_streak, (watch.bad_streak + 1 if bad_now else 0)
         clip_coef = 1.0
-        if not events:
+        if not events and not (exploding_now and "clip" in self.on_exploding):
+            watch.skip_streak = 0
             self._healthy_step(pl_module, optimizer, watch, step)
             return clip_coef
         configured = {"nonfinite": self.on_nonfinite, "exploding": self.on_exploding, "vanishing": self.on_vanishing}
         wanted = {name for e in events for name in configured[e.kind]}
-        # amp overflow steps are skipped by the GradScaler itself; only persistent ones reach here
+        if exploding_now and "clip" in self.on_exploding:
+            wanted.add("clip")  # every flagged step is clipped, not only the first of an incident
         taken: dict[str, bool] = {}
 
         if "rollback" in wanted and watch.snapshots is not None:
-            taken["rollback"] = self._rollback(trainer, pl_module, optimizer, watch, step, events)
-        if "skip" in wanted or taken.get("rollback"):
+            damage = bad_before > 0 or any(e.reason in _DAMAGE for e in events)
+            if damage:
+                taken["rollback"] = self._rollback(trainer, pl_module, optimizer, watch, step, events)
+            else:
+                # a lone bad step: its gradient has not reached the weights, so there is nothing to undo;
+                # dropping it is enough. A second bad step in a row means damage: then roll back
+                # (and only then reduce the LR: a lone corrupted batch says nothing about the LR).
+                taken["skip"] = taken["lone"] = True
+        if "skip" in wanted or taken.get("rollback") or taken.get("skip"):
             skip_(optimizer)
             watch.counts["skipped"] += 1
+            watch.skip_streak += 1
             taken["skip"] = True
-        elif "clip" in wanted:
-            clip_coef = self._clip(optimizer, watch, host, events)
-            taken["clip"] = clip_coef < 1.0
-        if "reduce_lr" in wanted and watch.lr_scale is not None:
-            # after a rollback the previous reduction evidently did not help: no cooldown then
-            taken["reduce_lr"] = self._reduce_lr(watch, step, force=bool(taken.get("rollback")))
-        watch.healthy_since = step + 1
+        else:
+            watch.skip_streak = 0
+            if "clip" in wanted:
+                clip_coef = self._clip(optimizer, watch, host)
+                taken["clip"] = clip_coef < 1.0
+        if "reduce_lr" in wanted and watch.lr_scale is not None and events and not taken.get("lone"):
+            taken["reduce_lr"] = self._reduce_lr(watch, step, rolled_back=bool(taken.get("rollback")))
+        if events:
+            watch.healthy_since = step + 1
+        if self.max_consecutive_skips is not None and watch.skip_streak >= self.max_consecutive_skips:
+            # skipping cannot repair weights that are already broken: end the run instead of idling
+            taken["stop"] = True
 
         final = []
         for e in events:
-            acts = [a for a in configured[e.kind] if a in ("log", "alert", "stop", "raise") or taken.get(a)]
+            acts = [a for a in configured[e.kind] if a in ("log", "stop", "raise") or taken.get(a)]
             if e.reason == "amp_overflow":
                 acts = [a for a in acts if a not in ("skip", "clip")]
+            if taken.get("lone") and "skip" not in acts and "rollback" in configured[e.kind]:
+                acts.insert(0, "skip")  # a lone bad step under "rollback" (see above)
+            if "alert" in configured[e.kind] and self._alert_due(e, step):
+                acts.insert(min(len(acts), acts.index("log") + 1 if "log" in acts else len(acts)), "alert")
+            if taken.get("stop") and "stop" not in acts:
+                acts.append("stop")
             suffix = f" -> {', '.join(acts)}" if acts else ""
+            if taken.get("stop") and "stop" not in configured[e.kind]:
+                suffix += f" ({watch.skip_streak} steps skipped in a row: max_consecutive_skips)"
             final.append(GradEvent(**{**e.to_dict(), "actions": tuple(acts), "message": e.message + suffix}))
         events[:] = final
         for e in events:
@@ -676,18 +748,32 @@ class GradGuard(Callback):
             self._event_counts[e.kind] += 1
             if "alert" in e.actions and trainer.is_global_zero:
                 log.warning("GradGuard: %s", e.message)
-            if "stop" in e.actions:
-                # gradients are identical on every rank here (after the all-reduce), so every
-                # rank takes this same decision; agree anyway in case a strategy shards them
-                trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
-                log.warning("GradGuard stopped training: %s", e.message)
+        stopping = next((e for e in events if "stop" in e.actions), None)
+        if stopping is not None and not trainer.should_stop:
+            # gradients (or their reduced statistics) are identical on every rank here, so every
+            # rank takes this same decision; agree anyway, as EarlyStopping does
+            trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
+            log.warning("GradGuard stopped training: %s", stopping.message)
         return clip_coef
 
-    def _clip(self, optimizer, watch: _Watch, host: np.ndarray, events: list[GradEvent]) -> float:
+    def _alert_due(self, event: GradEvent, step: int) -> bool:
+        """One alert per (optimizer, kind, reason, layer) per ``alert_quiet_steps``; later ones are only logged."""
+        key = (event.optimizer, event.kind, event.reason, event.layer)
+        last = self._last_alert.get(key)
+        if last is not None and step - last < self.alert_quiet_steps:
+            return False
+        self._last_alert[key] = step
+        return True
+
+    def _clip(self, optimizer, watch: _Watch, host: np.ndarray) -> float:
         """Clip to the adaptive threshold: globally if the global norm is over it, else the flagged layers."""
         norm, limit = host[Row.NORM], host[Row.SPIKE_AT].copy()
         if self.config.max_norm is not None:
             limit[0] = min(limit[0], self.config.max_norm)
+        growing = (host[Row.CODE].astype(np.int64) & Code.GROWTH) > 0
+        # during sustained growth the running level follows the divergence up: anchor the limit
+        # to the level before the growth began, so clipping does not loosen as things get worse
+        limit = np.where(growing, np.minimum(limit, 10.0 ** host[Row.GROWTH_BASE]), limit)
         ratio = host[Row.GRAD_WEIGHT, 0]
         if self.config.max_grad_weight_ratio is not None and np.isfinite(ratio) and ratio > 0:
             # no history yet (first steps): bound the gradient by the weights' own scale
@@ -708,11 +794,18 @@ class GradGuard(Callback):
             return float(np.min(limit[1:][layers] / norm[1:][layers]))
         return 1.0
 
-    def _reduce_lr(self, watch: _Watch, step: int, force: bool = False) -> bool:
+    def _reduce_lr(self, watch: _Watch, step: int, rolled_back: bool = False) -> bool:
+        """Multiply the LR scale by ``lr_factor`` (cooldown, floor). Right after a rollback there is
+        no cooldown (the previous reduction evidently did not help), and the effective LR also
+        returns at most to what it was when the restored snapshot was taken: a schedule that
+        raised the LR since then (an LR jump) is undone."""
         scale = watch.lr_scale
-        if (not force and step - watch.last_lr_change < self.lr_cooldown) or scale.value <= self.lr_min_scale:
+        if (not rolled_back and step - watch.last_lr_change < self.lr_cooldown) or scale.value <= self.lr_min_scale:
             return False
-        scale.value = max(scale.value * self.lr_factor, self.lr_min_scale)
+        target = scale.value * self.lr_factor
+        if rolled_back and watch.rollback_lr_ratio is not None:
+            target = min(target, scale.value * watch.rollback_lr_ratio)
+        scale.value = max(target, self.lr_min_scale)
         watch.last_lr_change = step
         watch.counts["lr_reductions"] += 1
         return True
@@ -726,9 +819,13 @@ class GradGuard(Callback):
                     step, watch.rollbacks_in_a_row, events[0].message,
                 )
             return False
+        # inside optimizer.step the param groups hold the effective (scaled) LR
+        lr_now = float(optimizer.param_groups[0]["lr"])
         restored = watch.snapshots.restore(step - self.rollback_margin, pl_module, optimizer)
         if restored is None:
             return False
+        # restoring put the snapshot's effective LR back into the param groups: keep the ratio
+        watch.rollback_lr_ratio = float(optimizer.param_groups[0]["lr"]) / lr_now if lr_now > 0 else None
         watch.rollbacks_in_a_row += 1
         watch.counts["rollbacks"] += 1
         return True
@@ -753,7 +850,7 @@ class GradGuard(Callback):
         opt = f"opt{watch.index}/" if len(self._watches) > 1 or watch.index else ""
         return f"{self.prefix}{opt}{name}"
 
-    def _log(self, trainer, watch: _Watch, host, is_log_step, param_step, clip_coef, log_step) -> dict[str, float]:
+    def _log(self, trainer, watch: _Watch, host, detail_step, param_step, clip_coef, log_step) -> dict[str, float]:
         k = lambda name: self._key(watch, name)  # noqa: E731
         norm = host[Row.NORM]
         metrics: dict[str, float] = {k("norm_total"): float(norm[0])}
@@ -773,18 +870,19 @@ class GradGuard(Callback):
             metrics[k("rollbacks")] = float(watch.counts["rollbacks"])
         if self._scaler is not None:
             metrics[k("amp_overflows")] = float(watch.counts["amp_overflows"])
+        layers = self._logged_layers(host)
+        for i in layers:
+            metrics[k(f"norm/{watch.series_name(i)}")] = float(norm[i])
         extra = REPORT_ROWS
-        if is_log_step:
+        if detail_step:
             max_abs = host[extra]
             extra += 1
             metrics[k("max_abs_total")] = float(max_abs[0])
-            for i in self._logged_layers(host):
-                name = watch.series_name(i)
-                metrics[k(f"norm/{name}")] = float(norm[i])
-                metrics[k(f"max_abs/{name}")] = float(max_abs[i])
+            for i in layers:
+                metrics[k(f"max_abs/{watch.series_name(i)}")] = float(max_abs[i])
         if param_step:
             param_norm = host[extra]
-            for i in self._logged_layers(host):
+            for i in layers:
                 name = watch.series_name(i)
                 metrics[k(f"param_norm/{name}")] = float(param_norm[i])
                 if np.isfinite(host[Row.UPDATE_RATIO, i]):
@@ -802,14 +900,15 @@ class GradGuard(Callback):
         return metrics
 
     def _logged_layers(self, host: np.ndarray) -> list[int]:
+        """Series indices of the layers to log: all, or the ``top_k`` largest and smallest norms."""
         if self.log_layers == "none":
             return []
-        n = host.shape[1] - 1
-        present = [i for i in range(1, n + 1) if host[Row.NORM, i] > 0 or not np.isfinite(host[Row.NORM, i])]
-        if self.log_layers == "all" or len(present) <= 2 * self.top_k:
-            return list(range(1, n + 1))
-        by_norm = sorted(range(1, n + 1), key=lambda i: np.nan_to_num(host[Row.NORM, i], nan=np.inf))
-        return sorted(set(by_norm[: self.top_k] + by_norm[-self.top_k :]))
+        norm = host[Row.NORM, 1:]
+        if self.log_layers == "all" or len(norm) <= 2 * self.top_k:
+            return list(range(1, len(norm) + 1))
+        order = np.argsort(np.nan_to_num(norm, nan=np.inf))  # NaN layers count as the largest
+        picked = np.union1d(order[: self.top_k], order[-self.top_k :])
+        return (picked + 1).tolist()
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -885,6 +984,10 @@ def _series_row(values: Tensor | None, stats: GradStats, total: str = "none") ->
     else:
         head = torch.full((1,), math.nan, device=values.device)
     return torch.cat([head, values])
+
+
+# reasons that mean the weights are already damaged (a rollback is due even on the first bad step)
+_DAMAGE = frozenset({"growth", "grad_weight_ratio", "amp_overflow"})
 
 
 def _is_sharded(strategy: Any) -> bool:

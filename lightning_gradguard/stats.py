@@ -112,6 +112,14 @@ class LayerPlan:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def positions(self, positions: Sequence[int], device: torch.device) -> Tensor:
+        """``positions`` as a device index tensor, cached like :meth:`index`."""
+        key = ("positions", tuple(positions), device)
+        cached = self._index_cache.get(key)
+        if cached is None:
+            cached = self._index_cache[key] = torch.tensor(list(positions), dtype=torch.long, device=device)
+        return cached
+
     def index(self, positions: Sequence[int] | None, device: torch.device) -> Tensor:
         """Layer index of each parameter in ``positions`` (``None``: all), cached on ``device``."""
         key = (None if positions is None else tuple(positions), device)
@@ -171,7 +179,7 @@ def grad_stats(
     *,
     max_abs: bool = False,
     param_norms: bool = False,
-    lrs: Sequence[float] | None = None,
+    lrs: Tensor | Sequence[float] | None = None,
     grad_scale: Tensor | None = None,
     all_reduce: Callable[[Tensor, str], Tensor] | None = None,
 ) -> GradStats | None:
@@ -181,7 +189,8 @@ def grad_stats(
         max_abs: also compute each layer's max ``|g|`` (one more pass over the gradients).
         param_norms: also compute each layer's weight norm, and, with ``lrs``, the
             update-to-weight ratio (one pass over the weights).
-        lrs: the learning rate of each parameter of the plan (same order).
+        lrs: the learning rate of each parameter of the plan (same order), a
+            device vector (or a list of floats).
         grad_scale: divide every statistic by this device scalar; for gradients
             that are still multiplied by an AMP loss scale.
         all_reduce: for sharded gradients (FSDP, DeepSpeed): ``all_reduce(t, op)``
@@ -220,9 +229,10 @@ def grad_stats(
         w_norm = _tensor_norms(weights, 2.0, device)
         sums.append(zeros.index_add(0, index, w_norm.square()))
     if lrs is not None and param_norms:
-        # lr * |g| per tensor: scalars ride along as kernel arguments, no host->device copy
-        step = torch._foreach_mul(list(tensor_norm.unbind()), [float(lrs[i]) for i in positions])
-        sums.append(zeros.index_add(0, index, torch.stack(step).square()))
+        lr = lrs if isinstance(lrs, Tensor) else torch.tensor(list(lrs), dtype=torch.float32, device=device)
+        if len(positions) != len(plan.params):
+            lr = lr[plan.positions(positions, device)]
+        sums.append(zeros.index_add(0, index, (lr.to(device, torch.float32) * tensor_norm).square()))
     if all_reduce is not None:
         sums = list(all_reduce(torch.stack(sums), "sum").unbind())
     layer_sq = sums[0]

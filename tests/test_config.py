@@ -20,7 +20,7 @@ BAD = [
     (dict(log_layers="some"), r"`log_layers` must be one of 'all', 'topk', 'none', got 'some'"),
     (dict(top_k=0), r"`top_k` must be at least 1, got 0"),
     (dict(group_depth=0), r"`group_depth` must be at least 1, got 0"),
-    (dict(param_stats_every_n_steps=-1), r"`param_stats_every_n_steps` must be at least 0, got -1"),
+    (dict(detail_every_n_steps=-1), r"`detail_every_n_steps` must be at least 0, got -1"),
     (dict(warmup_steps=0), r"`warmup_steps` must be at least 1, got 0"),
     (dict(spike_zscore=0), r"`spike_zscore` must be greater than 0, got 0"),
     (dict(spike_zscore=float("nan")), r"`spike_zscore` must be a number, got nan"),
@@ -64,3 +64,16 @@ def test_defaults_and_normalisation():
     assert g.on_exploding == ("raise",)
     assert g.on_vanishing == ("log", "alert")
     assert GradGuard().on_nonfinite == ("skip", "alert")
+
+
+def test_record_argument():
+    from lightning_gradguard import RecordSink
+
+    assert isinstance(GradGuard(record=True).sinks[-1], RecordSink)
+    assert GradGuard(record=None).sinks == []
+    with pytest.raises(ValueError, match=r"`record` must be True, a file or folder path, or None, got 3"):
+        GradGuard(record=3)
+    with pytest.raises(ValueError, match=r"`sinks` must hold GuardSink instances"):
+        GradGuard(sinks=[object()])
+    with pytest.raises(ValueError, match=r"`wandb` must be None \(automatic\), True or False, got 'yes'"):
+        GradGuard(wandb="yes")

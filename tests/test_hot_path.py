@@ -52,7 +52,7 @@ class CountingGuard(GradGuard):
 def test_one_host_sync_per_step_in_a_real_trainer(tmp_path, log_layers):
     from lightning.pytorch.loggers import CSVLogger
 
-    guard = CountingGuard(log_every_n_steps=1, log_layers=log_layers, param_stats_every_n_steps=1)
+    guard = CountingGuard(log_every_n_steps=1, log_layers=log_layers, detail_every_n_steps=1)
     trainer(max_steps=8, logger=CSVLogger(tmp_path), callbacks=[guard]).fit(DigitsMLP(depth=8), digits_loader())
     assert len(guard.syncs_per_step) == 8
     for where in guard.syncs_per_step:

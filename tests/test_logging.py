@@ -21,7 +21,7 @@ def fit_and_read(tmp_path, guard, max_steps=12, **trainer_kwargs):
 
 
 def test_norm_total_and_layers_match_reference_every_step(tmp_path):
-    rec, rows = fit_and_read(tmp_path, GradGuard(log_every_n_steps=1, log_layers="all"))
+    rec, rows = fit_and_read(tmp_path, GradGuard(log_every_n_steps=1, log_layers="all", detail_every_n_steps=1))
     assert [int(r["step"]) for r in rows] == list(range(12))
     for r in rows:
         step = int(r["step"])
@@ -52,11 +52,22 @@ def test_topk_limits_per_layer_keys(tmp_path):
 
 
 def test_param_norms_and_update_ratio_logged(tmp_path):
-    rec, rows = fit_and_read(tmp_path, GradGuard(log_every_n_steps=1, log_layers="all"), max_steps=3)
+    rec, rows = fit_and_read(tmp_path, GradGuard(log_every_n_steps=1, log_layers="all", detail_every_n_steps=1), max_steps=3)
     r = rows[0]
     model_lr = 1e-2
     ratio = float(r["grad/update_ratio/net.0"])
     assert ratio == pytest.approx(model_lr * float(r["grad/norm/net.0"]) / float(r["grad/param_norm/net.0"]), rel=1e-4)
+
+
+def test_costly_details_follow_their_own_cadence(tmp_path):
+    rec, rows = fit_and_read(tmp_path, GradGuard(log_every_n_steps=2, detail_every_n_steps=4), max_steps=12)
+    assert [int(r["step"]) for r in rows] == [1, 3, 5, 7, 9, 11]
+    with_details = [int(r["step"]) for r in rows if r.get("grad/max_abs_total")]
+    assert with_details == [3, 7, 11]
+    assert all(r.get("grad/param_norm/net.0") for r in rows if int(r["step"]) in with_details)
+    # defaults: details every 50 steps however often the Trainer logs
+    rec, rows = fit_and_read(tmp_path / "d", GradGuard(log_every_n_steps=1), max_steps=60)
+    assert [int(r["step"]) for r in rows if r.get("grad/max_abs_total")] == [49]
 
 
 def test_no_logger_means_no_logging_but_detection_runs(tmp_path):

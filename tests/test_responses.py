@@ -90,3 +90,22 @@ def test_log_only_records_without_touching_training():
     # nobody asked for protection: the NaN reached the weights, and every later step is NaN too
     assert [e.step for e in guard.events] == [4, 5, 6, 7]
     assert not all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_repeated_faults_alert_once_per_quiet_window(caplog):
+    guard = GradGuard(alert_quiet_steps=100)
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        trainer(max_steps=12, callbacks=[guard]).fit(FaultyMLP({4: "inf", 5: "inf", 9: "inf"}), digits_loader())
+    assert [e.step for e in guard.events] == [4, 5, 9]
+    assert [e.actions for e in guard.events] == [("skip", "alert"), ("skip",), ("skip",)]
+    assert caplog.text.count("GradGuard: step") == 1
+
+
+def test_persistent_nonfinite_stops_after_max_consecutive_skips(caplog):
+    guard = GradGuard(max_consecutive_skips=4)
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        t = trainer(max_steps=40, callbacks=[guard])
+        t.fit(FaultyMLP({s: "inf" for s in range(6, 40)}), digits_loader())
+    assert t.global_step == 10  # steps 6-9 skipped, then stopped
+    assert guard.events[-1].actions == ("skip", "stop")
+    assert "4 steps skipped in a row: max_consecutive_skips" in caplog.text

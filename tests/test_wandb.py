@@ -46,7 +46,7 @@ def faulty_run(tmp_path_factory):
         mp.setenv("WANDB_DIR", str(root))
         sink = WandbSink(pictures_every_n_steps=15, histogram_layers=["net.0", "net.4"],
                          histogram_every_n_steps=10, histogram_bins=32)
-        guard = GradGuard(sinks=[sink])
+        guard = GradGuard(sinks=[sink], alert_quiet_steps=0)  # every event alerts: the sink's window is under test
         model = FaultyMLP(FAULTS, optimizer="sgd", lr=0.05)
         logger = WandbLogger(offline=True, save_dir=str(root))
         trainer(logger=logger, max_steps=STEPS, log_every_n_steps=5, callbacks=[guard]).fit(model, digits_loader())

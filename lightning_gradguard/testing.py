@@ -1,0 +1,388 @@
+"""Gradient health as a test: a short fit under a strict guard, one line inside a pytest test.
+
+::
+
+    from lightning_gradguard.testing import check_gradients
+
+    def test_gradients_are_healthy():
+        check_gradients(MyModule(), train_loader)        # raises GradientHealthError with a report
+
+:func:`check_gradients` trains a short run (``max_steps=50`` on
+CPU, no logger, no checkpoints, no progress bar, no validation) with every
+condition set to ``"raise"``, and either returns a :class:`GradReport` or
+raises :class:`~lightning_gradguard.GradientHealthError` whose message says
+what was found, where (layer), when (step), the numbers, the usual causes of
+that kind of problem, and the per-layer gradient norms so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import textwrap
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lightning_gradguard.events import GradEvent, GradientHealthError
+from lightning_gradguard.record import NormSummary
+from lightning_gradguard.sinks import GuardSink
+
+__all__ = ["HINTS", "STRICT", "GradReport", "LayerNorms", "check_gradients", "hint"]
+
+#: What :func:`check_gradients` changes from ``GradGuard()``'s defaults. Every
+#: condition raises; a layer must stay vanishing for 15 steps (not 50), so a
+#: vanishing stack is caught well within a few dozen steps.
+STRICT: dict[str, Any] = {
+    "on_nonfinite": "raise",
+    "on_exploding": "raise",
+    "on_vanishing": "raise",
+    "vanish_patience": 15,
+}
+
+# One table: the usual causes per detector (event ``reason``), then per kind as a fallback.
+# The test report and the ``gradguard`` command both print from it.
+HINTS: dict[str, str] = {
+    "nan": (
+        "NaN gradients usually come from log(0), sqrt(0) or x/0 in the loss (add an eps, clamp before log/sqrt, "
+        "use cross_entropy/log_softmax on logits instead of log(softmax)), a NaN/Inf in the input batch (check the "
+        "data), weights that already diverged (learning rate too high), or fp16 overflow (train in bf16, or use "
+        "precision='16-mixed' with its GradScaler)."
+    ),
+    "inf": (
+        "Inf gradients usually come from an Inf in the input batch (check the data), division by a value near 0 or "
+        "exp() of a large number in the loss, or fp16 overflow (values above 65504: train in bf16, or use "
+        "precision='16-mixed' with its GradScaler)."
+    ),
+    "amp_overflow": (
+        "The fp16 GradScaler overflows step after step: its scale is collapsing. Look for activations that overflow "
+        "fp16 (above 65504): exp(), softmax without subtracting the max, large logits or attention scores; or train "
+        "in bf16 ('bf16-mixed')."
+    ),
+    "spike": (
+        "A sudden spike usually comes from an outlier or corrupt batch, a learning rate too high for this phase of "
+        "training (add a warm-up), or a loss with a sharp edge (division by a small number). Gradient clipping "
+        "(Trainer(gradient_clip_val=1.0), or GradGuard's 'clip') contains it."
+    ),
+    "growth": (
+        "Gradients growing step after step while the loss does not improve: the learning rate is too high (lower "
+        "it, add a warm-up), the initialisation too large (use Kaiming/Xavier; recurrent weights with spectral "
+        "radius > 1), or a deep stack lacks normalisation (BatchNorm/LayerNorm) or residual connections."
+    ),
+    "max_norm": (
+        "The global norm is above `max_norm`: the usual causes are a learning rate too high, a too-large "
+        "initialisation, missing normalisation or an outlier batch; raise `max_norm` if norms this size are normal "
+        "for your model."
+    ),
+    "update_ratio": (
+        "The update is a large fraction of the weights (lr * |g| / |w|; around 1e-3 is typical): the learning "
+        "rate is too high for this layer, or its weights are tiny (check its initialisation)."
+    ),
+    "dead": (
+        "A layer with exactly zero gradient is cut off: a parameter unused in forward (or behind .detach() / "
+        "torch.no_grad()), dead ReLUs (every pre-activation negative: lower the learning rate, use LeakyReLU/GELU, "
+        "check the bias initialisation), or an activation saturated at its limits."
+    ),
+    "relative": (
+        "Layers whose gradients are orders of magnitude smaller than the rest, usually the first layers of a deep "
+        "stack: saturating activations (sigmoid/tanh: use ReLU/GELU), no normalisation (add BatchNorm/LayerNorm) "
+        "or residual connections, or an initialisation too small for the depth (use Kaiming/Xavier). In RNNs: "
+        "long spans (use LSTM/GRU, truncate backpropagation through time)."
+    ),
+    "drop": (
+        "A layer's gradients collapsed far below their own earlier level while the loss has not converged: "
+        "activations saturating as training goes on (sigmoid/tanh with growing pre-activations), ReLUs dying "
+        "(lower the learning rate), or a learning-rate schedule that decays too early."
+    ),
+    "nonfinite": "NaN/Inf gradients: check the data, the loss for log(0) or x/0, the learning rate, and fp16 overflow.",
+    "exploding": (
+        "Exploding gradients: usually a learning rate too high, a too-large initialisation, missing normalisation "
+        "or an outlier batch; clipping contains it."
+    ),
+    "vanishing": (
+        "Vanishing gradients: usually saturating activations (sigmoid/tanh), missing normalisation or residual "
+        "connections, or an initialisation too small for the depth."
+    ),
+}
+
+
+def hint(event: GradEvent) -> str:
+    """The usual causes of ``event``'s kind of problem (from :data:`HINTS`).
+
+    >>> hint(GradEvent(3, "vanishing", "net.0", 1e-9, 1e-5, (), "", reason="dead")).split(":")[0]
+    'A layer with exactly zero gradient is cut off'
+    """
+    return HINTS.get(event.reason) or HINTS.get(event.kind, "")
+
+
+@dataclass(frozen=True)
+class LayerNorms:
+    """Gradient L2 norm of one layer (or ``"global"``) over the steps run; min/max over finite values."""
+
+    first: float
+    last: float
+    min: float
+    max: float
+    nonfinite_steps: int = 0
+
+
+@dataclass
+class GradReport:
+    """What :func:`check_gradients` saw.
+
+    Attributes:
+        steps: optimizer steps measured.
+        max_steps: the step budget asked for.
+        events: every event, oldest first (empty when healthy).
+        layers: ``"global"`` then every layer, in model order, with its
+            :class:`LayerNorms` (names get ``opt<i>/`` in front with several optimizers).
+        summary: :meth:`GradGuard.summary` at the end.
+        model: the module's class name.
+    """
+
+    steps: int
+    max_steps: int
+    events: tuple[GradEvent, ...]
+    layers: dict[str, LayerNorms]
+    summary: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.events
+
+    def format(self, max_rows: int = 24) -> str:
+        """A multi-line, readable report: the findings with their usual causes, then the per-layer norms."""
+        if self.events:
+            first = self.events[0]
+            head = (
+                f"GradGuard: unhealthy gradients in {self.model or 'the model'}: {first.kind} at step {first.step} "
+                f"of a {self.max_steps}-step check"
+            )
+        else:
+            head = f"GradGuard: healthy gradients in {self.model or 'the model'} over {self.steps} steps"
+        lines = [head, ""]
+        for event in self.events[:10]:
+            where = f"layer `{event.layer}`" if event.layer is not None else "the global norm"
+            lines.append(
+                f"{event.kind} ({event.reason}) at step {event.step}, {where}: "
+                f"value {_g(event.value)}, threshold {_g(event.threshold)}"
+            )
+            lines += textwrap.wrap(event.message, 110, initial_indent="  ", subsequent_indent="    ")
+            lines += textwrap.wrap("usual causes: " + hint(event), 110, initial_indent="  ", subsequent_indent="    ")
+            lines.append("")
+        if len(self.events) > 10:
+            lines += [f"... and {len(self.events) - 10} more events", ""]
+        flagged = {name for e in self.events for name in (e.layers or ((e.layer,) if e.layer else ()))}
+        lines.append(f"gradient L2 norm per layer over {self.steps} steps (< : named by an event):")
+        lines += _table(self.layers, flagged, max_rows)
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.overrides.items())
+        lines += ["", f"(check_gradients: max_steps={self.max_steps}{', ' + settings if settings else ''})"]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def check_gradients(
+    model: Any,
+    train_dataloaders: Any = None,
+    datamodule: Any = None,
+    *,
+    max_steps: int = 50,
+    accelerator: str = "cpu",
+    devices: int | str = 1,
+    seed: int | None = 0,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    **guard_overrides: Any,
+) -> GradReport:
+    """Train ``model`` for ``max_steps`` optimizer steps under a strict :class:`GradGuard`; raise if unhealthy.
+
+    The guard is ``GradGuard(**STRICT, **guard_overrides)``: every condition
+    (``nonfinite``, ``exploding``, ``vanishing``) raises, and
+    ``vanish_patience=15`` instead of 50, so that a layer vanishing from the
+    start is caught in a few dozen steps (at step 14). Keep ``max_steps``
+    above ``vanish_patience`` or vanishing cannot be caught at all, and above
+    ``vanish_patience + warmup_steps`` (25) to also catch a layer whose
+    gradients collapse after the warm-up. Pass any other :class:`GradGuard`
+    argument to change it, e.g. ``on_vanishing="log"`` to report vanishing
+    without failing, or ``vanish_factor=1e3`` to be stricter.
+
+    The run uses a fresh Trainer on ``accelerator`` (CPU by default) with no
+    logger, checkpointing, progress bar, model summary or validation;
+    ``trainer_kwargs`` adds or overrides Trainer arguments (``precision``,
+    ``accumulate_grad_batches``, ``gradient_clip_val``, extra ``callbacks``...).
+    ``seed`` seeds Python, NumPy and torch first (``None``: leave them alone).
+    It trains ``model`` in place. A ``pytorch_lightning.LightningModule``
+    runs on ``pytorch_lightning``'s Trainer.
+
+    Returns:
+        a :class:`GradReport`; its ``events`` are empty (``report.healthy``)
+        unless a condition was set to something other than ``"raise"``.
+
+    Raises:
+        GradientHealthError: a condition set to ``"raise"`` fired; the message
+            is ``GradReport.format()``: what, where, when, the numbers, the
+            usual causes, the per-layer norms. ``err.events`` holds the events,
+            ``err.report`` the :class:`GradReport`.
+        RuntimeError: the model took no optimizer step (nothing was checked).
+    """
+    __tracebackhide__ = True  # pytest: show the report, not this frame
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be an integer >= 1, got {max_steps!r}.")
+    settings = {**STRICT, **guard_overrides}
+    collector = _Collector()
+    settings["sinks"] = [*(settings.get("sinks") or ()), collector]
+    pl, guard_cls = _namespace(model)
+    guard = guard_cls(**settings)
+
+    kwargs: dict[str, Any] = dict(
+        accelerator=accelerator, devices=devices, max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    kwargs.update(trainer_kwargs or {})
+    extra = kwargs.pop("callbacks", None) or []
+    # a model that never steps (manual optimization without `opt.step()`) would never reach max_steps
+    budget = _batch_budget(pl, 10 * max_steps * int(kwargs.get("accumulate_grad_batches", 1)))
+    kwargs["callbacks"] = [*([extra] if not isinstance(extra, (list, tuple)) else extra), guard, budget]
+
+    error: GradientHealthError | None = None
+    with _quiet():
+        if seed is not None:
+            pl.seed_everything(seed, verbose=False)
+        trainer = pl.Trainer(**kwargs)
+        try:
+            trainer.fit(model, train_dataloaders=train_dataloaders, datamodule=datamodule)
+        except GradientHealthError as err:
+            error = err
+
+    overrides = {k: v for k, v in guard_overrides.items() if k != "sinks"}
+    report = GradReport(
+        steps=int(guard.summary()["steps"]), max_steps=max_steps, events=tuple(guard.events),
+        layers=collector.layer_norms(), summary=guard.summary(), model=type(model).__name__, overrides=overrides,
+    )
+    if error is not None:
+        failure = GradientHealthError(report.format(), tuple(error.events) or report.events)
+        failure.report = report
+        raise failure from None  # the report says it all; Lightning's internals add nothing
+    if report.steps == 0:
+        raise RuntimeError(
+            f"check_gradients: {type(model).__name__} took no optimizer step (max_steps={max_steps}), so no "
+            "gradient was checked. Is the dataloader empty, or does manual optimization never call `opt.step()`?"
+        )
+    return report
+
+
+# ---------------------------------------------------------------------- helpers
+class _Collector(GuardSink):
+    """Per-layer first/last/min/max from every step's norms (already on the host: no extra sync)."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[str, ...]] = {}
+        self.norms = NormSummary()
+
+    def on_step(self, guard, trainer, *, optimizer, step, log_step, layers, norms, metrics) -> None:
+        self.layers[optimizer] = tuple(layers)
+        self.norms.update(optimizer, norms)
+
+    def layer_norms(self) -> dict[str, LayerNorms]:
+        out: dict[str, LayerNorms] = {}
+        stats = self.norms.as_dict()
+        several = len(stats) > 1
+        for opt in sorted(stats):
+            s = stats[opt]
+            for i, name in enumerate(["global", *self.layers[opt]]):
+                key = f"opt{opt}/{name}" if several else name
+                out[key] = LayerNorms(s["first"][i], s["last"][i], s["min"][i], s["max"][i], int(s["nonfinite"][i]))
+        return out
+
+
+def _namespace(model: Any) -> tuple[Any, type]:
+    """``(lightning.pytorch, GradGuard)``, or the ``pytorch_lightning`` pair for a module of that package."""
+    import lightning.pytorch as lp
+
+    if isinstance(model, lp.LightningModule):
+        from lightning_gradguard.callback import GradGuard
+
+        return lp, GradGuard
+    try:
+        import pytorch_lightning as ptl
+    except ImportError:
+        ptl = None
+    if ptl is not None and isinstance(model, ptl.LightningModule):
+        from lightning_gradguard.pl import GradGuard as PLGradGuard
+
+        return ptl, PLGradGuard
+    raise TypeError(
+        f"`model` must be a LightningModule (lightning.pytorch or pytorch_lightning), got {type(model).__name__}."
+    )
+
+
+def _batch_budget(pl: Any, batches: int) -> Any:
+    """A callback (of ``pl``'s namespace) that stops the fit after ``batches`` training batches."""
+
+    class _BatchBudget(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.seen = getattr(self, "seen", 0) + 1
+            if self.seen >= batches:
+                trainer.should_stop = True
+
+    return _BatchBudget()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Mute Lightning's start-up chatter (tips, device info, 'max_steps reached') and the num_workers advice."""
+    names = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # lightning vs newer torch
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _g(x: float) -> str:
+    x = float(x)
+    return f"{x:.3g}" if np.isfinite(x) else str(x)
+
+
+def _table(layers: Mapping[str, LayerNorms], flagged: set[str], max_rows: int) -> list[str]:
+    names = list(layers)
+    if len(names) > max_rows:
+        keep = set(names[: max_rows // 2]) | set(names[-(max_rows // 4):]) | {n for n in names if n in flagged}
+        keep |= {"global"}
+    else:
+        keep = set(names)
+    width = max([len(n) for n in names if n in keep] + [5])
+    out = [f"  {'layer':<{width}}    {'first':>9} {'last':>9} {'min':>9} {'max':>9}"]
+    skipped = 0
+    for name in names:
+        if name not in keep:
+            skipped += 1
+            continue
+        if skipped:
+            out.append(f"  ... {skipped} more")
+            skipped = 0
+        n = layers[name]
+        mark = "<" if name in flagged else " "
+        bad = n.nonfinite_steps
+        nonfinite = f"  ({bad} non-finite step{'s' if bad > 1 else ''})" if bad else ""
+        out.append(
+            f"  {name:<{width}} {mark}  {_g(n.first):>9} {_g(n.last):>9} {_g(n.min):>9} {_g(n.max):>9}{nonfinite}"
+        )
+    if skipped:
+        out.append(f"  ... {skipped} more")
+    return out

@@ -1,0 +1,286 @@
+"""The run record (``RecordSink`` / ``read_record``) and the ``gradguard`` command that gates CI on it."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import CSVLogger
+
+from helpers import DigitsMLP, FaultyMLP, NormRecorder, digits_loader, trainer
+from lightning_gradguard import GradGuard, GradientHealthError
+from lightning_gradguard.cli import main
+from lightning_gradguard.record import FILENAME, RecordError, RecordSink, read_record
+from test_testing import DeepSigmoid
+
+FAULTS = {6: "nan_layer", 14: "spike", 17: "inf"}
+
+
+def _run(tmp, model, steps=20, **guard_kwargs):
+    sink = RecordSink(**guard_kwargs.pop("record", {}))
+    guard = GradGuard(sinks=[sink], **guard_kwargs)
+    ref = NormRecorder()
+    t = trainer(max_steps=steps, callbacks=[ref, guard], logger=CSVLogger(str(tmp)))
+    try:
+        t.fit(model, digits_loader())
+    except GradientHealthError:
+        pass
+    return guard, sink, ref
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Three real runs, shared: healthy, faulty (NaN, spike, Inf), and a vanishing stack that raised."""
+    out = {}
+    for name, model, kwargs in (
+        ("healthy", DigitsMLP(), {}),
+        ("faulty", FaultyMLP(FAULTS), {}),
+        ("vanishing", DeepSigmoid(), dict(on_vanishing="raise", vanish_patience=15)),
+    ):
+        torch.manual_seed(0)
+        out[name] = _run(tmp_path_factory.mktemp(name), model, **kwargs)
+    return out
+
+
+# ---------------------------------------------------------------------- the record
+def test_record_lands_in_the_log_folder_and_round_trips(records):
+    guard, sink, ref = records["faulty"]
+    assert sink.path.endswith(os.path.join("lightning_logs", "version_0", FILENAME))
+    with open(sink.path) as f:
+        lines = [json.loads(line) for line in f]
+    types = [line["type"] for line in lines]
+    assert types[0] == "header" and types[-1] == "summary"
+    assert types.count("step") == 20 and types.count("event") == len(guard.events) == 3
+    header = lines[0]
+    assert header["format"] == "gradguard-record" and header["version"] == 1
+    assert header["layers"] == {"0": ["net.0", "net.2", "net.4"]}
+    assert header["config"]["on_nonfinite"] == ["skip", "alert"] and header["config"]["vanish_patience"] == 50
+    assert header["trainer"]["module"] == "FaultyMLP"
+
+    record = read_record(sink.path)
+    assert record.finished and not record.truncated
+    assert record.layers == {0: ("net.0", "net.2", "net.4")}
+    assert record.steps[0].tolist() == list(range(20))
+    assert [repr(e) for e in record.events] == [repr(e) for e in guard.events]  # repr: nan == nan
+    assert record.summary["events/nonfinite"] == 2 and record.summary["steps"] == 20
+    # norms: 4 significant digits of what an independent torch.linalg reference measured
+    norms = record.norms[0]
+    for step in range(20):
+        expect = [ref.total[step]] + [ref.layers[step][name] for name in record.layers[0]]
+        np.testing.assert_allclose(norms[step], expect, rtol=6e-4)
+    assert math.isnan(norms[6, 0]) and math.isnan(norms[6, 2])  # the NaN planted in net.2 at step 6, kept as NaN
+    stats = record.layer_stats(0)
+    assert stats["nonfinite"].tolist() == [2, 1, 1, 0]
+    assert stats["max"][0] == pytest.approx(np.nanmax(norms[:, 0]), rel=1e-3)
+
+
+def test_raised_run_still_ends_its_record(records):
+    guard, sink, _ = records["vanishing"]
+    record = read_record(sink.path)
+    assert record.finished  # the summary was written from on_exception
+    assert [(e.kind, e.step, e.actions) for e in record.events] == [("vanishing", 14, ("raise",))]
+    assert record.norms[0].shape == (15, 22)
+
+
+def test_every_n_steps_keeps_event_steps_and_a_full_summary(tmp_path):
+    guard, sink, _ = _run(tmp_path, FaultyMLP(FAULTS), record={"every_n_steps": 5, "digits": 3})
+    record = read_record(sink.path)
+    assert record.steps[0].tolist() == [0, 5, 6, 10, 14, 15, 17]  # multiples of 5 and the event steps
+    assert record.summary["norms"]["0"]["steps"] == 20
+    with open(sink.path) as f:
+        step_line = next(line for line in f if '"type":"step"' in line)
+    values = json.loads(step_line)["norms"]
+    assert values and all(v == float(f"{v:.3g}") for v in values)  # rounded to digits=3
+
+
+def test_explicit_paths_and_no_logger(tmp_path):
+    file_sink = RecordSink(tmp_path / "records" / "run.jsonl")
+    dir_sink = RecordSink(tmp_path / "elsewhere")
+    trainer(max_steps=3, callbacks=[GradGuard(sinks=[file_sink, dir_sink])]).fit(DigitsMLP(), digits_loader())
+    assert file_sink.path == str(tmp_path / "records" / "run.jsonl")
+    assert dir_sink.path == str(tmp_path / "elsewhere" / FILENAME)
+    plain = RecordSink()
+    trainer(max_steps=3, default_root_dir=tmp_path / "root", callbacks=[GradGuard(sinks=[plain])]).fit(
+        DigitsMLP(), digits_loader()
+    )
+    assert plain.path == str(tmp_path / "root" / FILENAME)  # no logger: default_root_dir
+    for path in (file_sink.path, dir_sink.path, plain.path):
+        assert len(read_record(path).steps[0]) == 3
+
+
+def test_a_failing_record_never_breaks_training(tmp_path, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    sink = RecordSink(blocker / "sub" / "run.jsonl")  # its folder cannot be created
+    guard = GradGuard(sinks=[sink])
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        trainer(max_steps=5, callbacks=[guard]).fit(DigitsMLP(), digits_loader())
+    assert guard._watches[0].counts["steps"] == 5
+    assert "RecordSink.setup failed" in caplog.text and "training goes on" in caplog.text
+
+
+def test_two_optimizers_each_get_their_layers(tmp_path):
+    class TwoOpt(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.a, self.b = torch.nn.Linear(64, 16), torch.nn.Linear(16, 10)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            opt_a, opt_b = self.optimizers()
+            loss = torch.nn.functional.cross_entropy(self.b(torch.tanh(self.a(x))), y)
+            opt_a.zero_grad(), opt_b.zero_grad()
+            self.manual_backward(loss)
+            opt_a.step(), opt_b.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.SGD(self.b.parameters(), lr=0.1)
+
+    sink = RecordSink(tmp_path)
+    trainer(max_steps=8, callbacks=[GradGuard(sinks=[sink])]).fit(TwoOpt(), digits_loader())
+    record = read_record(tmp_path)
+    assert record.layers == {0: ("a",), 1: ("b",)}
+    assert record.norms[0].shape == (4, 2) and record.norms[1].shape == (4, 2)
+    assert set(record.summary["norms"]) == {"0", "1"}
+    assert main([str(tmp_path), "--png", str(tmp_path / "two.png")]) == 0
+
+
+# ---------------------------------------------------------------------- reading bad files
+def _lines(path, *objs, raw=""):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs) + raw)
+    return path
+
+
+HEADER = {"type": "header", "format": "gradguard-record", "version": 1, "layers": {"0": ["a"]}}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "empty file, not a gradguard record"),
+        ("hello\n", ":1: not a gradguard record (invalid JSON)"),
+        ('{"type": "step"}\n', "not a gradguard record (no 'gradguard-record' header)"),
+        (json.dumps({**HEADER, "version": 99}) + "\n", "newer than this lightning_gradguard reads"),
+        (json.dumps(HEADER) + "\n{oops\n" + json.dumps({"type": "summary"}) + "\n", ":2: corrupt line (invalid JSON)"),
+        (json.dumps(HEADER) + '\n{"type":"step","step":0,"norms":[1]}\n{"type":"summary"}\n', ":2: corrupt step line"),
+    ],
+)
+def test_corrupt_records_raise_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(RecordError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        read_record(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_killed_run_reads_up_to_its_last_complete_line(tmp_path):
+    path = _lines(tmp_path / "r.jsonl", HEADER, {"type": "step", "step": 0, "optimizer": 0, "norms": [1, 0.5]},
+                  raw='{"type":"step","step":1,"optimizer":0,"norms":[1,')
+    record = read_record(path)
+    assert record.truncated and not record.finished
+    assert record.steps[0].tolist() == [0]
+    assert record.layer_stats(0)["last"].tolist() == [1.0, 0.5]
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(RecordError, match="no such file"):
+        read_record(tmp_path / "nope.jsonl")
+    with pytest.raises(RecordError, match=f"no {FILENAME} found under"):
+        read_record(tmp_path)
+
+
+def test_sink_arguments_are_validated():
+    with pytest.raises(ValueError, match="`every_n_steps` must be an integer >= 1, got 0"):
+        RecordSink(every_n_steps=0)
+    with pytest.raises(ValueError, match="`digits` must be an integer from 1 to 17"):
+        RecordSink(digits=0)
+    with pytest.raises(ValueError, match="`path` must be a file or folder path"):
+        RecordSink(path=3)
+
+
+# ---------------------------------------------------------------------- the command
+def test_cli_fails_on_a_faulty_run_and_prints_the_events(records, capsys):
+    _, sink, _ = records["faulty"]
+    assert main([sink.path]) == 1
+    out = capsys.readouterr().out
+    assert "events: 2 nonfinite, 1 exploding, 0 vanishing" in out
+    assert "       6  nonfinite  nan           net.2" in out
+    assert "step 14: grad norm of `net.0`" in out
+    assert "usual causes of nonfinite (nan):" in out and "usual causes of exploding (spike):" in out
+    assert "  net.2  <" in out and "(1 non-finite step)" in out
+    assert out.rstrip().endswith("FAIL: 3 events (nonfinite, exploding); first at step 6")
+    assert "\033[" not in out  # not a terminal: no colour
+
+
+def test_cli_passes_a_healthy_run_and_filters_kinds(records, capsys):
+    _, healthy, _ = records["healthy"]
+    log_root = os.path.dirname(os.path.dirname(os.path.dirname(healthy.path)))
+    assert main([log_root]) == 0  # a folder: the newest record below it
+    assert capsys.readouterr().out.rstrip().endswith("OK: no nonfinite/exploding/vanishing events")
+    _, vanishing, _ = records["vanishing"]
+    assert main([vanishing.path, "--fail-on", "nonfinite,exploding"]) == 0
+    assert "OK: no nonfinite/exploding events (1 events of other kinds)" in capsys.readouterr().out
+    assert main([vanishing.path, "--fail-on", "vanishing"]) == 1
+    assert main([vanishing.path, "--fail-on", "none"]) == 0
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main([str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gradguard: error: no such file: {tmp_path / 'missing.jsonl'}\n"
+    bad = tmp_path / "corrupt.jsonl"
+    bad.write_text("not json at all\n")
+    assert main([str(bad)]) == 2
+    assert capsys.readouterr().err == f"gradguard: error: {bad}:1: not a gradguard record (invalid JSON)\n"
+    good = _lines(tmp_path / "ok.jsonl", HEADER)
+    assert main([str(good), "--fail-on", "exploding,boiling"]) == 2
+    assert "gradguard: error: --fail-on: unknown kind 'boiling'" in capsys.readouterr().err
+
+
+def test_cli_colour_only_on_a_terminal_without_no_color(records, monkeypatch):
+    _, sink, _ = records["faulty"]
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    for no_color, expect in ((None, True), ("1", False)):
+        if no_color:
+            monkeypatch.setenv("NO_COLOR", no_color)
+        tty = Tty()
+        monkeypatch.setattr(sys, "stdout", tty)
+        assert main([sink.path]) == 1
+        assert ("\033[31mFAIL" in tty.getvalue()) is expect
+
+
+def test_cli_writes_png_and_self_contained_html(records, tmp_path, capsys):
+    _, sink, _ = records["vanishing"]
+    png, page = tmp_path / "out" / "flow.png", tmp_path / "out" / "report.html"
+    assert main([sink.path, "--png", str(png), "--html", str(page)]) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = page.read_text()
+    assert html.startswith("<!doctype html>") and "data:image/png;base64,iVBOR" in html
+    assert "FAIL: 1 event(s) of kinds vanishing" in html and "<code>net.0</code>" in html
+    assert "src=\"http" not in html and "<link" not in html  # nothing external
+    out = capsys.readouterr().out
+    assert f"gradient-flow picture: {png}" in out and f"HTML report: {page}" in out
+
+
+def test_python_dash_m_runs_the_command(records):
+    _, sink, _ = records["faulty"]
+    done = subprocess.run([sys.executable, "-m", "lightning_gradguard.cli", sink.path, "--fail-on", "nonfinite"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "FAIL: 2 events (nonfinite); first at step 6" in done.stdout

@@ -1,0 +1,150 @@
+"""``check_gradients``: a short strict fit that passes on a healthy model and fails with a readable report."""
+
+from __future__ import annotations
+
+import re
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import DigitsMLP, FaultyMLP, digits_loader
+from lightning_gradguard import GradientHealthError
+from lightning_gradguard.testing import HINTS, STRICT, GradReport, check_gradients, hint
+
+
+class DeepSigmoid(DigitsMLP):
+    """20 Linear+Sigmoid layers: the first layers' gradients are ~1e-17, the last ~1e-1 (vanishing)."""
+
+    def __init__(self, depth: int = 20, width: int = 32, lr: float = 0.1) -> None:
+        pl.LightningModule.__init__(self)
+        layers: list[nn.Module] = []
+        w = 64
+        for _ in range(depth):
+            layers += [nn.Linear(w, width), nn.Sigmoid()]
+            w = width
+        layers.append(nn.Linear(w, 10))
+        self.net = nn.Sequential(*layers)
+        self.lr = lr
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def test_healthy_model_passes_and_reports_per_layer_norms():
+    report = check_gradients(DigitsMLP(), digits_loader(), max_steps=30)
+    assert isinstance(report, GradReport)
+    assert report.healthy and report.events == ()
+    assert report.steps == 30 and report.max_steps == 30
+    assert list(report.layers) == ["global", "net.0", "net.2", "net.4"]
+    for name, n in report.layers.items():
+        assert 0 < n.min <= min(n.first, n.last) <= max(n.first, n.last) <= n.max, name
+        assert n.nonfinite_steps == 0
+    text = report.format()
+    assert text.startswith("GradGuard: healthy gradients in DigitsMLP over 30 steps")
+    assert "net.4" in text
+
+
+def test_vanishing_stack_fails_with_what_where_when_numbers_and_causes():
+    with pytest.raises(GradientHealthError) as info:
+        check_gradients(DeepSigmoid(), digits_loader())
+    err = info.value
+    message = str(err)
+    event = err.events[0]
+    assert (event.kind, event.reason, event.layer) == ("vanishing", "relative", "net.0")
+    # vanish_patience=15 in STRICT: the first layers are flagged on the 15th step (step 14)
+    assert event.step == STRICT["vanish_patience"] - 1 == 14
+    first = message.splitlines()[0]
+    assert first == "GradGuard: unhealthy gradients in DeepSigmoid: vanishing at step 14 of a 50-step check"
+    assert "vanishing (relative) at step 14, layer `net.0`: value " in message
+    assert "below the median layer" in message and "threshold 10000x" in message  # the guard's own numbers
+    assert "usual causes: Layers whose gradients are orders of magnitude smaller" in message
+    assert "sigmoid/tanh" in message
+    # the per-layer table: every layer, the flagged ones marked, over the 15 steps run
+    assert "gradient L2 norm per layer over 15 steps" in message
+    assert re.search(r"^  net\.0 +<  +\d", message, re.M)
+    assert re.search(r"^  net\.40 +  +\d", message, re.M)
+    assert err.report.steps == 15 and not err.report.healthy
+    assert err.report.layers["net.0"].max < 1e-12 < err.report.layers["net.40"].min
+    assert err.__cause__ is None and err.__suppress_context__  # no Lightning internals in the CI log
+
+
+def test_nonfinite_and_exploding_fail_with_their_own_hints():
+    with pytest.raises(GradientHealthError) as info:
+        check_gradients(FaultyMLP({3: "nan_layer"}), digits_loader(), max_steps=10)
+    message = str(info.value)
+    assert "nonfinite (nan) at step 3, layer `net.2`: value nan, threshold inf" in message
+    assert "log(0)" in message and "(1 non-finite step)" in message
+
+    with pytest.raises(GradientHealthError) as info:
+        check_gradients(FaultyMLP({15: "spike"}), digits_loader(), max_steps=20)
+    event = info.value.events[0]
+    assert (event.kind, event.reason, event.step) == ("exploding", "spike", 15)
+    assert "outlier or corrupt batch" in str(info.value)
+
+
+def test_overrides_report_without_failing():
+    report = check_gradients(DeepSigmoid(), digits_loader(), max_steps=20, on_vanishing="log")
+    assert not report.healthy
+    assert [(e.kind, e.step, e.actions) for e in report.events] == [("vanishing", 14, ("log",))]
+    assert report.overrides == {"on_vanishing": "log"}
+    assert "(check_gradients: max_steps=20, on_vanishing='log')" in report.format()
+
+
+def test_trainer_kwargs_and_extra_sinks_are_passed_on():
+    from lightning_gradguard import GuardSink
+
+    class Count(GuardSink):
+        steps = 0
+
+        def on_step(self, guard, trainer, **kwargs):
+            Count.steps += 1
+
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append(trainer.accumulate_grad_batches)
+
+    report = check_gradients(
+        DigitsMLP(), digits_loader(), max_steps=5, sinks=[Count()],
+        trainer_kwargs={"accumulate_grad_batches": 2, "callbacks": [Spy()]},
+    )
+    assert report.steps == 5 and Count.steps == 5 and seen == [2]
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="`max_steps` must be an integer >= 1, got 0"):
+        check_gradients(DigitsMLP(), digits_loader(), max_steps=0)
+    with pytest.raises(ValueError, match="vanish_patience"):
+        check_gradients(DigitsMLP(), digits_loader(), vanish_patience=0)
+    with pytest.raises(TypeError, match="`model` must be a LightningModule"):
+        check_gradients(nn.Linear(2, 2), digits_loader())
+
+
+def test_no_step_taken_is_an_error_not_a_pass():
+    empty = DataLoader(TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(RuntimeError, match="took no optimizer step"):
+        check_gradients(DigitsMLP(), empty, max_steps=5)
+
+    class NeverSteps(DigitsMLP):  # manual optimization that forgets opt.step(): global_step never moves
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            self.manual_backward(super().training_step(batch, batch_idx))
+
+    with pytest.raises(RuntimeError, match="took no optimizer step"):  # stops after 10 x max_steps batches
+        check_gradients(NeverSteps(), digits_loader(), max_steps=2)
+
+
+def test_every_reason_has_a_hint():
+    reasons = ("nan", "inf", "amp_overflow", "spike", "growth", "max_norm", "update_ratio", "dead", "relative", "drop")
+    for key in (*reasons, "nonfinite", "exploding", "vanishing"):
+        assert len(HINTS[key]) > 40, key
+    from lightning_gradguard import GradEvent
+
+    assert hint(GradEvent(0, "exploding", None, 1.0, 1.0, (), "", reason="something_new")) == HINTS["exploding"]
