@@ -11,6 +11,7 @@ a wrong kind before the detection, any event on a healthy run). Writes
     python benchmarks/detection.py --small         # only the cheap ones (prints only)
     python benchmarks/detection.py --only lr_jump,dying_relu   # (prints only)
     python benchmarks/detection.py --check         # no guard: show each pathology
+    python benchmarks/detection.py --seeds 3       # every scenario with seeds 0, 1, 2 (15,000 healthy steps)
 
 ``--check`` needs no guard at all: it prints, per scenario and for its
 fault-free twin, the global gradient norm around the onset, per-layer norms for
@@ -199,7 +200,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any], info: d
         f"Machine: {info['cpu']} ({info['cores']} cores, 1 torch thread per run); "
         f"python {info['python']}, torch {info['torch']}, "
         f"lightning {info['lightning']}; {info['date']}.",
-        f"Guard: `{guard_desc}`. Command: `python benchmarks/detection.py`.",
+        f"Guard: `{guard_desc}`. Command: `python {' '.join(['benchmarks/detection.py', *sys.argv[1:]])}`.",
         "",
         "Latency = step of the first event of the expected kind at or after the onset, minus the onset.",
         "False alarms = events before the onset, events of another kind before the detection,",
@@ -243,16 +244,20 @@ def _make_guard() -> Callback:
 GUARD_DESC = 'GradGuard(on_nonfinite="log", on_exploding="log", on_vanishing="log")'
 
 
-def run_detection(names: Optional[Sequence[str]], small: bool, write: bool) -> list[dict[str, Any]]:
+def run_detection(names: Optional[Sequence[str]], small: bool, write: bool, seeds: int = 1) -> list[dict[str, Any]]:
     scenarios = select(names, small=small)
-    results = []
+    results, labels = [], []
     t0 = time.perf_counter()
-    for sc in scenarios:
-        res = run_scenario(sc, callbacks=[_make_guard()])
-        results.append(res)
-        print(f"  ran {sc.name:28s} {res.wall_time_s:6.1f}s  events={len(_guard_events(res))}", flush=True)
+    for seed in range(seeds):
+        for sc in scenarios:
+            res = run_scenario(sc, callbacks=[_make_guard()], seed=seed)
+            results.append(res)
+            labels.append(sc.name if seeds == 1 else f"{sc.name} (seed {seed})")
+            print(f"  ran {labels[-1]:36s} {res.wall_time_s:6.1f}s  events={len(_guard_events(res))}", flush=True)
     total = time.perf_counter() - t0
     rows = evaluate(results)
+    for row, label in zip(rows, labels):
+        row["scenario"] = label
     summary = summarize(rows)
     info = machine_info()
     md = to_markdown(rows, summary, info, GUARD_DESC)
@@ -380,13 +385,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--small", action="store_true", help="only the scenarios flagged small")
     parser.add_argument("--check", action="store_true", help="no guard: print gradient norms and losses")
     parser.add_argument("--no-write", action="store_true", help="print only, do not write benchmarks/results")
+    parser.add_argument("--seeds", type=int, default=1, help="run every scenario with seeds 0..N-1")
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or None
     if args.check:
         run_check(names, args.small)
     else:
         # a partial run must not overwrite the full table
-        run_detection(names, args.small, write=not (args.no_write or names or args.small))
+        run_detection(names, args.small, write=not (args.no_write or names or args.small), seeds=args.seeds)
     return 0
 
 

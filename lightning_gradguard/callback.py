@@ -58,6 +58,8 @@ class _Watch:
     bad_streak: int = 0  # consecutive steps flagged exploding / non-finite
     skip_streak: int = 0  # consecutive steps skipped
     rollback_lr_ratio: float | None = None  # effective LR of the restored snapshot / effective LR before
+    anchor: np.ndarray | None = None  # per-series clip limit pinned during a growth incident (inf: none)
+    anchor_until: np.ndarray | None = None
     last_lr_change: int = -(10**9)
     healthy_since: int = 0
     group_index: Tensor | None = None  # param group of each plan parameter (for update ratios)
@@ -689,15 +691,17 @@ class GradGuard(Callback):
         exploding_now = bool((code & Code.EXPLODING).any())
         bad_now = exploding_now or (bool((code & Code.NONFINITE).any()) and self._scaler is None)
         bad_before, watch.bad_streak = watch.bad_streak, (watch.bad_streak + 1 if bad_now else 0)
+        anchored = self._update_anchor(watch, code, host, step)
         clip_coef = 1.0
-        if not events and not (exploding_now and "clip" in self.on_exploding):
+        clipping = "clip" in self.on_exploding and (exploding_now or anchored)
+        if not events and not clipping:
             watch.skip_streak = 0
             self._healthy_step(pl_module, optimizer, watch, step)
             return clip_coef
         configured = {"nonfinite": self.on_nonfinite, "exploding": self.on_exploding, "vanishing": self.on_vanishing}
         wanted = {name for e in events for name in configured[e.kind]}
-        if exploding_now and "clip" in self.on_exploding:
-            wanted.add("clip")  # every flagged step is clipped, not only the first of an incident
+        if clipping:
+            wanted.add("clip")  # every flagged (or anchored) step is clipped, not only the first of an incident
         taken: dict[str, bool] = {}
 
         if "rollback" in wanted and watch.snapshots is not None:
@@ -756,6 +760,28 @@ class GradGuard(Callback):
             log.warning("GradGuard stopped training: %s", stopping.message)
         return clip_coef
 
+    def _update_anchor(self, watch: _Watch, code: np.ndarray, host: np.ndarray, step: int) -> bool:
+        """Clip anchors: during sustained growth the running level follows the divergence up, and a
+        limit relative to it loosens as things get worse. When growth is detected, each growing series
+        is pinned to its level before the growth, until it has been unflagged, and under its anchor,
+        for ``growth_window`` steps. Returns whether any anchor is active (such steps are clipped even when unflagged)."""
+        growing = (code & Code.GROWTH) > 0
+        if growing.any():
+            if watch.anchor is None:
+                watch.anchor = np.full(code.shape, np.inf)
+                watch.anchor_until = np.full(code.shape, -1, dtype=np.int64)
+            watch.anchor = np.where(growing, np.minimum(watch.anchor, 10.0 ** host[Row.GROWTH_BASE]), watch.anchor)
+        if watch.anchor is None:
+            return False
+        # held while flagged or while the anchor is still doing work (the norm is above it)
+        flagged = (((code & Code.EXPLODING) > 0) | (host[Row.NORM] > watch.anchor)) & np.isfinite(watch.anchor)
+        watch.anchor_until = np.where(flagged, step + self.config.growth_window, watch.anchor_until)
+        watch.anchor = np.where(step > watch.anchor_until, np.inf, watch.anchor)
+        if not np.isfinite(watch.anchor).any():
+            watch.anchor = watch.anchor_until = None
+            return False
+        return True
+
     def _alert_due(self, event: GradEvent, step: int) -> bool:
         """One alert per (optimizer, kind, reason, layer) per ``alert_quiet_steps``; later ones are only logged."""
         key = (event.optimizer, event.kind, event.reason, event.layer)
@@ -770,10 +796,8 @@ class GradGuard(Callback):
         norm, limit = host[Row.NORM], host[Row.SPIKE_AT].copy()
         if self.config.max_norm is not None:
             limit[0] = min(limit[0], self.config.max_norm)
-        growing = (host[Row.CODE].astype(np.int64) & Code.GROWTH) > 0
-        # during sustained growth the running level follows the divergence up: anchor the limit
-        # to the level before the growth began, so clipping does not loosen as things get worse
-        limit = np.where(growing, np.minimum(limit, 10.0 ** host[Row.GROWTH_BASE]), limit)
+        if watch.anchor is not None:
+            limit = np.minimum(limit, watch.anchor)
         ratio = host[Row.GRAD_WEIGHT, 0]
         if self.config.max_grad_weight_ratio is not None and np.isfinite(ratio) and ratio > 0:
             # no history yet (first steps): bound the gradient by the weights' own scale
@@ -924,6 +948,8 @@ class GradGuard(Callback):
                 "last_lr_change": w.last_lr_change,
                 "healthy_since": w.healthy_since,
                 "last_fired": {bit: v.tolist() for bit, v in w.last_fired.items()},
+                "anchor": None if w.anchor is None else [w.anchor.tolist(), w.anchor_until.tolist()],
+                "streaks": [w.bad_streak, w.skip_streak, w.rollbacks_in_a_row],
             }
         for index, pending in self._pending_state.items():
             watches.setdefault(index, pending)
@@ -960,6 +986,10 @@ class GradGuard(Callback):
         watch.last_lr_change = int(state.get("last_lr_change", watch.last_lr_change))
         watch.healthy_since = int(state.get("healthy_since", 0))
         watch.last_fired = {int(b): np.asarray(v, dtype=np.int64) for b, v in state.get("last_fired", {}).items()}
+        anchor = state.get("anchor")
+        if anchor is not None:
+            watch.anchor, watch.anchor_until = np.asarray(anchor[0], dtype=float), np.asarray(anchor[1], dtype=np.int64)
+        watch.bad_streak, watch.skip_streak, watch.rollbacks_in_a_row = state.get("streaks", [0, 0, 0])
         if watch.lr_scale is not None:
             watch.lr_scale.value = float(state.get("lr_scale", 1.0))
 

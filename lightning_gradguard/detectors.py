@@ -307,24 +307,33 @@ class LossTrend:
       initial level (the mean of the first ``warmup`` finite losses): small
       gradients are then expected, not vanishing. Off for losses that start
       at or below zero (a ratio means nothing there).
-    * ``worsening()``: the running level (of finite losses) is no better than
-      ``window`` steps ago: growing norms are then a divergence. A NaN/Inf loss
-      does not open this gate by itself (its gradients are reported as
-      non-finite; one skipped NaN step must not turn healthy growth into an alarm).
+    * ``worsening()``: the running level (of finite losses) rose over the last
+      ``window`` steps by more than ``noise`` x the initial level: growing norms
+      are then a divergence. The margin ignores the jitter of a loss that has
+      already converged (1e-3 wobbling to 2e-3 is not a divergence of a loss
+      that started at 1). A NaN/Inf loss does not open this gate by itself
+      (its gradients are reported as non-finite; one skipped NaN step must not
+      turn healthy growth into an alarm).
 
     >>> trend = LossTrend(warmup=2, window=3, converged_ratio=0.01)
     >>> for loss in [2.0, 2.0, 1.0, 0.5]:
     ...     trend.observe(torch.tensor(loss))
     >>> bool(trend.worsening()), bool(trend.converged())
     (False, False)
+    >>> for loss in [3.0] * 5:
+    ...     trend.observe(torch.tensor(loss))
+    >>> bool(trend.worsening())
+    True
     >>> for loss in [1e-4] * 80:
     ...     trend.observe(torch.tensor(loss))
     >>> bool(trend.converged())
     True
     """
 
-    def __init__(self, warmup: int, window: int, converged_ratio: float, rate: float = 0.1) -> None:
-        self.warmup, self.window, self.converged_ratio, self.rate = warmup, window, converged_ratio, rate
+    def __init__(
+        self, warmup: int, window: int, converged_ratio: float, rate: float = 0.1, noise: float = 0.01
+    ) -> None:
+        self.warmup, self.window, self.converged_ratio, self.rate, self.noise = warmup, window, converged_ratio, rate, noise
         self.seen = 0  # host counter: ring indexing needs no sync
         self.first: Tensor | None = None
         self.fast: Tensor | None = None
@@ -354,7 +363,7 @@ class LossTrend:
         if self.ring is None:
             return None
         oldest = self.ring[self.seen % self.window] if self.seen >= self.window else self.ring[0]
-        return self.fast >= oldest
+        return self.fast > oldest + self.noise * self.first.abs()
 
     def state_dict(self) -> dict:
         if self.first is None:
