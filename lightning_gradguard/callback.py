@@ -643,9 +643,11 @@ class GradGuard(Callback):
         else:
             value, threshold = float(host[Row.UPDATE_RATIO, i]), float(c.max_update_ratio)
             text = f"update-to-weight ratio of {_q(watch.series_name(i))} {_f(value)} exceeds max_update_ratio {_f(threshold)}"
-        others = len(series) - 1
+        others = len([j for j in series[1:] if j != 0])
         if others:
-            text += f"; {others} more layer{'s' if others > 1 else ''} also flagged"
+            text += f"; {others} more layer{'s' if others > 1 else ''}{' and the global norm' if 0 in series[1:] else ''} also flagged"
+        elif 0 in series[1:]:
+            text += "; the global norm too"
         return self._event(watch, step, "exploding", reason, series, value, threshold, text)
 
     def _vanishing(self, watch: _Watch, host: np.ndarray, step: int, new: np.ndarray, flagged: np.ndarray) -> GradEvent:

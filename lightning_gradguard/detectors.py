@@ -143,6 +143,7 @@ class TrendDetector:
         self.peak = torch.full((s,), -math.inf, **f32)
         self.streak = torch.zeros(s, **f32)
         self.ring = torch.full((c.growth_window, s), math.nan, **f32)
+        self._bits: dict[tuple, Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -185,20 +186,21 @@ class TrendDetector:
             self.maxseen + math.log10(c.warmup_spike_ratio),
         )
         spike = ok & (self.count >= 1) & (x > spike_log)
-        code = torch.where(spike, Code.SPIKE, 0)
-        code = code | torch.where(present & ~finite, Code.NONFINITE, 0)
+        # (bit, bool mask) pairs, packed into one code row at the end with a single weighted sum
+        flags: list[tuple[int, Tensor]] = [(Code.SPIKE, spike), (Code.NONFINITE, present & ~finite)]
+        only_global = torch.zeros_like(present)
+        only_global[0] = True
         if c.max_norm is not None:
-            code[0] = code[0] | torch.where(finite[0] & (norm[0] > c.max_norm), Code.CEILING, 0)
+            flags.append((Code.CEILING, only_global & finite & (norm > c.max_norm)))
         grad_weight = torch.full_like(norm, math.nan)
         if weight_norm is not None:
             weight_norm = weight_norm.to(self.device, torch.float32)
             grad_weight = torch.where(weight_norm > 0, norm / weight_norm.clamp_min(_TINY), math.nan)
             if c.max_grad_weight_ratio is not None:
-                over = finite[0] & (grad_weight[0] > c.max_grad_weight_ratio)
-                code[0] = code[0] | torch.where(over, Code.GRAD_WEIGHT, 0)
+                flags.append((Code.GRAD_WEIGHT, only_global & finite & (grad_weight > c.max_grad_weight_ratio)))
         if update_ratio is not None and c.max_update_ratio is not None:
             over = present & (update_ratio.to(self.device) > c.max_update_ratio)
-            code = code | torch.where(over, Code.UPDATE_RATIO, 0)
+            flags.append((Code.UPDATE_RATIO, over))
 
         # --- update the running statistics with finite, positive observations only
         dev = x - level
@@ -230,7 +232,7 @@ class TrendDetector:
             grew = ok & (self.fast - base > math.log10(c.growth_factor))
             if worsening is not None:
                 grew = grew & worsening.to(self.device)
-            code = code | torch.where(grew, Code.GROWTH, 0)
+            flags.append((Code.GROWTH, grew))
 
         # --- vanishing: dead, far below the median layer, or far below its own peak
         known = present & (self.count > 0)
@@ -246,14 +248,18 @@ class TrendDetector:
         vanish = self.streak >= c.vanish_patience
         if converged is not None:
             vanish = vanish & ~converged.to(self.device)
-        why = torch.where(dead, Code.DEAD, 0) | torch.where(rel, Code.REL, 0) | torch.where(drop, Code.DROP, 0)
-        code = code | torch.where(vanish, Code.VANISH, 0) | torch.where(vanish, why, 0)
+        flags += [(Code.VANISH, vanish), (Code.DEAD, vanish & dead), (Code.REL, vanish & rel), (Code.DROP, vanish & drop)]
+        key = tuple(b for b, _ in flags)
+        bits = self._bits.get(key)
+        if bits is None:  # a handful of combinations: copied to the device once each
+            bits = self._bits[key] = torch.tensor(key, dtype=torch.float32).to(self.device)
+        code = bits @ torch.stack([m for _, m in flags]).float()  # distinct bits: the sum is the bitwise or
 
         vanish_ref = torch.where(rel, median_row, self.peak)
         ratio_row = update_ratio.to(self.device, torch.float32) if update_ratio is not None else torch.full_like(norm, math.nan)
         return torch.stack(
             [
-                code.float(),
+                code,
                 norm,
                 level,
                 scale,

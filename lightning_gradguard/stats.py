@@ -112,6 +112,16 @@ class LayerPlan:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def present(self, positions: Sequence[int], device: torch.device) -> Tensor:
+        """Bool per layer: does any parameter in ``positions`` belong to it? Cached like :meth:`index`."""
+        key = ("present", len(positions) if len(positions) == len(self.params) else tuple(positions), device)
+        cached = self._index_cache.get(key)
+        if cached is None:
+            mask = torch.zeros(self.num_layers, dtype=torch.bool)
+            mask[[self.layer_of_param[i] for i in positions]] = True
+            cached = self._index_cache[key] = mask.to(device)
+        return cached
+
     def positions(self, positions: Sequence[int], device: torch.device) -> Tensor:
         """``positions`` as a device index tensor, cached like :meth:`index`."""
         key = ("positions", tuple(positions), device)
@@ -217,13 +227,10 @@ def grad_stats(
     if grad_scale is not None:
         tensor_norm = tensor_norm / grad_scale.to(device=device, dtype=torch.float32)
     zeros = torch.zeros(n_layers, dtype=torch.float32, device=device)
-    sums = [
-        zeros.index_add(0, index, tensor_norm.square()),
-        # a NaN/Inf anywhere in a tensor makes its norm NaN/Inf; count them per layer
-        zeros.index_add(0, index, (~torch.isfinite(tensor_norm)).float()),
-        zeros.index_add(0, index, torch.full_like(tensor_norm, 0.0 if placeholder else 1.0)),
-    ]
-    w_norm = None
+    # a NaN/Inf anywhere in a tensor makes its norm, and so its layer's sum of squares, NaN/Inf
+    sums = [zeros.index_add(0, index, tensor_norm.square())]
+    if all_reduce is not None:  # which layers hold gradients differs between ranks: count them
+        sums.append(zeros.index_add(0, index, torch.full_like(tensor_norm, 0.0 if placeholder else 1.0)))
     if param_norms:
         weights = [plan.params[i].detach() for i in positions]
         w_norm = _tensor_norms(weights, 2.0, device)
@@ -235,9 +242,12 @@ def grad_stats(
         sums.append(zeros.index_add(0, index, (lr.to(device, torch.float32) * tensor_norm).square()))
     if all_reduce is not None:
         sums = list(all_reduce(torch.stack(sums), "sum").unbind())
+        present = sums.pop(1) > 0
+    else:
+        present = plan.present(positions, device)
     layer_sq = sums[0]
     norm = layer_sq.sqrt()
-    stats = GradStats(plan.layers, norm, layer_sq.sum().sqrt(), sums[1] > 0, sums[2] > 0)
+    stats = GradStats(plan.layers, norm, layer_sq.sum().sqrt(), ~torch.isfinite(layer_sq), present)
 
     if max_abs:
         tensor_max = _tensor_norms(grads, math.inf, device)
@@ -248,7 +258,7 @@ def grad_stats(
         if all_reduce is not None:
             stats.max_abs = all_reduce(stats.max_abs, "max")
     if param_norms:
-        stats.param_norm = sums[3].sqrt()
+        stats.param_norm = sums[1].sqrt()
         if lrs is not None:
-            stats.update_ratio = sums[4].sqrt() / stats.param_norm.clamp_min(torch.finfo(torch.float32).tiny)
+            stats.update_ratio = sums[2].sqrt() / stats.param_norm.clamp_min(torch.finfo(torch.float32).tiny)
     return stats

@@ -150,8 +150,8 @@ def test_sharded_partial_sums_are_combined_by_all_reduce():
     def all_reduce(t, op):  # what dist.all_reduce would return on rank a
         if op == "max":
             return torch.maximum(t, partial_b.max_abs)
-        other = torch.stack([sq_b, torch.zeros_like(sq_b), torch.ones_like(sq_b)])
-        return t + torch.cat([other, torch.zeros_like(t[3:])])  # weights: counted once here
+        other = torch.stack([sq_b, torch.ones_like(sq_b)])  # squared sums, layers present
+        return t + torch.cat([other, torch.zeros_like(t[2:])])
 
     got = grad_stats(LayerPlan.from_named_parameters(shard_a.named_parameters()), max_abs=True, all_reduce=all_reduce)
     assert got.total.item() == pytest.approx(expected.total.item(), rel=1e-6)
