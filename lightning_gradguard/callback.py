@@ -470,7 +470,7 @@ class GradGuard(Callback):
             rows.append(weight_row[None])
         # THE host sync of this step (one device->host copy of a few floats per layer):
         # events, actions and logging all need the numbers on the host.
-        host = torch.cat(rows).cpu().numpy()
+        host = torch.cat(rows).cpu().numpy()  # sync: the only one per step
         watch.counts["steps"] += 1
 
         events = self._findings(watch, host, step)
@@ -934,7 +934,7 @@ class GradGuard(Callback):
             return list(range(1, len(norm) + 1))
         order = np.argsort(np.nan_to_num(norm, nan=np.inf))  # NaN layers count as the largest
         picked = np.union1d(order[: self.top_k], order[-self.top_k :])
-        return (picked + 1).tolist()
+        return (picked + 1).tolist()  # numpy, on the host already: no sync
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -949,8 +949,8 @@ class GradGuard(Callback):
                 "lr_scale": w.lr_scale.value if w.lr_scale else 1.0,
                 "last_lr_change": w.last_lr_change,
                 "healthy_since": w.healthy_since,
-                "last_fired": {bit: v.tolist() for bit, v in w.last_fired.items()},
-                "anchor": None if w.anchor is None else [w.anchor.tolist(), w.anchor_until.tolist()],
+                "last_fired": {bit: v.tolist() for bit, v in w.last_fired.items()},  # numpy: no sync
+                "anchor": None if w.anchor is None else [w.anchor.tolist(), w.anchor_until.tolist()],  # numpy: no sync
                 "streaks": [w.bad_streak, w.skip_streak, w.rollbacks_in_a_row],
             }
         for index, pending in self._pending_state.items():

@@ -375,7 +375,8 @@ class LossTrend:
         if self.first is None:
             return {"seen": self.seen}
         # sync: checkpoint time only
-        return {"seen": self.seen, "levels": torch.stack([self.first, self.fast]).cpu(), "ring": self.ring.cpu()}
+        levels, ring = torch.stack([self.first, self.fast]).cpu(), self.ring.cpu()  # sync: checkpoint time only
+        return {"seen": self.seen, "levels": levels, "ring": ring}
 
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
         self.seen = int(state.get("seen", 0))

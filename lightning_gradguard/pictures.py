@@ -495,7 +495,7 @@ def grad_histograms(
             his.append(torch.where(finite, g, -torch.inf).amax().float())
         ranges.append(torch.stack([torch.stack(los).amin(), torch.stack(his).amax()]))
     # sync 1 of 2 (coarse cadence only): histc takes its range as host numbers
-    bounds = torch.stack(ranges).cpu().numpy().astype(np.float64)
+    bounds = torch.stack(ranges).cpu().numpy().astype(np.float64)  # sync 1 of 2, histogram cadence only
     counts_dev, edges = [], {}
     for layer, (lo, hi) in zip(order, bounds):
         if not (np.isfinite(lo) and np.isfinite(hi)):  # nothing finite in this layer
@@ -513,7 +513,7 @@ def grad_histograms(
     if not counts_dev:
         return {}
     # sync 2 of 2: every layer's counts in one copy
-    host = torch.stack(counts_dev).cpu().numpy()
+    host = torch.stack(counts_dev).cpu().numpy()  # sync 2 of 2, histogram cadence only
     return {layer: (host[k], edges[layer]) for k, layer in enumerate(edges)}
 
 

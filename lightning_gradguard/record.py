@@ -108,8 +108,9 @@ class NormSummary:
         """Per optimizer: ``first``, ``last``, ``min``, ``max`` (lists of floats), ``nonfinite`` counts, ``steps``."""
         return {
             opt: {
-                "first": s.first.tolist(), "last": s.last.tolist(), "min": s.min.tolist(), "max": s.max.tolist(),
-                "nonfinite": s.nonfinite.tolist(), "steps": s.steps,
+                # numpy arrays on the host: no sync
+                "first": s.first.tolist(), "last": s.last.tolist(), "min": s.min.tolist(), "max": s.max.tolist(),  # no sync
+                "nonfinite": s.nonfinite.tolist(), "steps": s.steps,  # numpy: no sync
             }
             for opt, s in self.series.items()
         }
@@ -287,7 +288,7 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     if isinstance(obj, np.generic):
-        obj = obj.item()
+        obj = obj.item()  # a numpy scalar: no sync
     if isinstance(obj, float) and not math.isfinite(obj):
         return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     return obj
