@@ -1,0 +1,341 @@
+"""GPU checks for GradGuard: run once on a machine with a CUDA card.
+
+Three checks, one results file (``benchmarks/results/overhead-<card>-gpu-check.md``,
+written section by section, so a run cut short still leaves what it measured):
+
+(a) **Overhead on CUDA**: ``benchmarks/overhead.py --device cuda`` for the
+    hand-written ``gpt`` (~110M parameters) and ``resnet50`` models under
+    ``bf16-mixed``, every variant (none, GradGuard defaults, GradGuard per-layer
+    every step, Lightning's ``grad_norm`` recipe, ``wandb.watch`` at log_freq 1
+    and 100, static clipping). Its own ``overhead-<card>.md/.json`` are written
+    too, and its table is copied into the check file.
+(b) **Host syncs per step**: a few training steps run under
+    ``torch.cuda.set_sync_debug_mode("warn")``; every "synchronizing CUDA
+    operation" warning is recorded (``warnings.catch_warnings(record=True)``)
+    and attributed to the step it happened in and to the Python line that
+    caused it. Compared: no monitor, ``GradGuard()``, ``GradGuard(log_layers="all")``,
+    and Lightning's ``grad_norm`` recipe, on a model with 26 and one with
+    2,000 parameter tensors, with logging every step (``log_every_n_steps=1``)
+    and on steps that do not log (``log_every_n_steps=1000``). The target: the
+    guard's own per-step path does at most one host sync per step.
+(c) **fp16 AMP**: a short ``precision="16-mixed"`` run with ``GradGuard()``
+    (GradScaler path), once clean and once with one deliberately overflowing
+    step (loss x 1e30 at step 15), printing the guard's events and the
+    ``grad/`` metrics it logged (read back from a CSVLogger).
+
+Usage (on the GPU machine, from the repository root)::
+
+    python benchmarks/gpu_check.py                 # all three, ~5 min on an H100 (estimate; not yet run)
+    python benchmarks/gpu_check.py --skip-bench    # only (b) and (c), < 1 min
+    python benchmarks/gpu_check.py --steps 30 --repeats 3
+
+Without CUDA it stops at once with a clear message (exit code 2). Importing
+this module does nothing but define functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import csv
+import io
+import re
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(HERE), str(REPO)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+SYNC_MARK = "synchroniz"  # "called a synchronizing CUDA operation"
+
+
+def _card_slug() -> str:
+    import torch
+
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+
+
+class Report:
+    """The results file, rewritten after every section."""
+
+    def __init__(self, path: Path, header: str) -> None:
+        self.path, self.parts = path, [header]
+        self.flush()
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        print(text, flush=True)
+        self.flush()
+
+    def flush(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n\n".join(self.parts) + "\n")
+
+
+# ---------------------------------------------------------------- (a) overhead
+def check_overhead(args, report: Report) -> None:
+    import overhead
+
+    out = REPO / "benchmarks" / "results" / f"overhead-{_card_slug()}"
+    argv = ["--device", "cuda", "--models", args.models, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--repeats", str(args.repeats), "--run-budget", str(args.run_budget), "--out", str(out.relative_to(REPO))]
+    result = overhead.main(argv)
+    md = out.with_suffix(".md").read_text()
+    # Everything after the title: command, versions, table, GradGuard cost, notes.
+    report.add("## (a) Overhead on CUDA (benchmarks/overhead.py)\n\n" + md.split("\n", 1)[1].strip())
+    verdicts = ["### Targets (GradGuard defaults <= +3 %, per-layer every step <= +10 %)", ""]
+    for row in result["results"]:
+        if row["variant"] in ("gradguard", "gradguard_layers") and row.get("ratio"):
+            limit = 1.03 if row["variant"] == "gradguard" else 1.10
+            verdict = "OK" if row["ratio"] <= limit else "ABOVE TARGET"
+            verdicts.append(f"- {row['model']}/{row['variant']}: ratio {row['ratio']:.3f} (paired "
+                            f"{row.get('paired_ratio_median') or float('nan'):.3f}), target <= {limit} -> {verdict}")
+    report.add("\n".join(verdicts))
+
+
+# ---------------------------------------------------------------- (b) host syncs
+def _sync_counting_callbacks(warmup: int, measure: int):
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class SyncDebug(Callback):
+        """Turns on sync debug mode for steps [warmup, warmup + measure) and notes where each step starts
+        in the list of recorded warnings. Must be the first callback."""
+
+        def __init__(self) -> None:
+            self.record: list | None = None  # set by the caller: the catch_warnings list
+            self.marks: list[int] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == warmup:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn")
+            if warmup <= batch_idx <= warmup + measure:
+                self.marks.append(len(self.record))
+            if batch_idx == warmup + measure:
+                torch.cuda.set_sync_debug_mode("default")
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return SyncDebug()
+
+
+def count_syncs(model_name: str, variant: str, log_every: int, warmup: int = 3, measure: int = 5) -> dict:
+    """Train a few steps; return sync warnings per measured step and the lines that caused them."""
+    import lightning.pytorch as L
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+
+    import overhead
+    from models import build_model
+
+    torch.manual_seed(0)
+    spec = build_model(model_name)
+    module_cls = overhead.GradNormRecipeModule if variant == "grad_norm" else overhead.BenchModule
+    module = module_cls(spec.net, spec.loss_fn, 1e-3)
+    g = torch.Generator().manual_seed(0)
+    pool = [spec.make_batch(g) for _ in range(4)]
+    total = warmup + measure + 1
+    loader = torch.utils.data.DataLoader(overhead.BatchPool(pool, total), batch_size=None)
+    counter = _sync_counting_callbacks(warmup, measure)
+    callbacks = [counter]
+    if variant.startswith("gradguard"):
+        from lightning_gradguard import GradGuard
+
+        callbacks.append(GradGuard() if variant == "gradguard" else GradGuard(log_layers="all"))
+    tmp = tempfile.mkdtemp(prefix="gradguard-sync-")
+    trainer = L.Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=total, max_epochs=1,
+                        logger=CSVLogger(tmp), log_every_n_steps=log_every, callbacks=callbacks,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        counter.record = rec
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [i for i, w in enumerate(rec) if SYNC_MARK in str(w.message)]
+    per_step = [sum(1 for i in syncs if a <= i < b) for a, b in zip(counter.marks, counter.marks[1:])]
+    sites = collections.Counter()
+    for i in syncs:
+        if counter.marks and counter.marks[0] <= i < counter.marks[-1]:
+            w = rec[i]
+            fn = w.filename
+            for root in ("site-packages/", str(REPO) + "/"):
+                fn = fn.split(root, 1)[-1]
+            sites[f"{fn}:{w.lineno}"] += 1
+    n = max(len(per_step), 1)
+    return {"per_step": per_step, "sites": {k: v / n for k, v in sites.most_common()},
+            "guard_sites": {k: v / n for k, v in sites.items() if "lightning_gradguard" in k}}
+
+
+def check_syncs(args, report: Report) -> None:
+    lines = ["## (b) Host syncs per optimizer step (torch.cuda.set_sync_debug_mode('warn'))", "",
+             "bf16-mixed, 3 warm-up steps then 5 counted steps. 'guard lines' = warnings raised from "
+             "lightning_gradguard's own code; 'vs none' = total minus the no-monitor run (includes Lightning's "
+             "own `.item()` per logged tensor metric at the logger flush).", "",
+             "| model | log_every_n_steps | variant | syncs per step | vs none | from guard lines per step | top sites |",
+             "|---|---:|---|---|---:|---:|---|"]
+    verdicts = []
+    for model_name in ("mlp", "many_tensors"):
+        for log_every in (1000, 1):
+            base = None
+            for variant in ("none", "gradguard", "gradguard_layers", "grad_norm"):
+                try:
+                    r = count_syncs(model_name, variant, log_every)
+                except Exception as exc:
+                    traceback.print_exc()
+                    lines.append(f"| {model_name} | {log_every} | {variant} | failed: {type(exc).__name__}: {exc} | | | |")
+                    continue
+                mean = sum(r["per_step"]) / max(len(r["per_step"]), 1)
+                if variant == "none":
+                    base = mean
+                guard_lines = sum(r["guard_sites"].values())
+                top = "; ".join(f"`{k}` {v:g}" for k, v in list(r["sites"].items())[:4]) or "–"
+                delta = "–" if base is None else f"{mean - base:+.1f}"
+                lines.append(f"| {model_name} | {log_every} | {variant} | {r['per_step']} | {delta} | {guard_lines:g} | {top} |")
+                if variant.startswith("gradguard") and log_every == 1000 and base is not None:
+                    ok = mean - base <= 1 and guard_lines <= 1
+                    verdicts.append(f"- {model_name}/{variant}, non-logging steps: {mean - base:+.1f} syncs vs none, "
+                                    f"{guard_lines:g} from guard code -> {'OK (<= 1)' if ok else 'ABOVE TARGET (> 1)'}")
+    report.add("\n".join(lines + [""] + verdicts))
+
+
+# ---------------------------------------------------------------- (c) fp16 AMP
+def fp16_run(overflow_step: int | None, steps: int = 40) -> tuple[list, list[dict], dict]:
+    import lightning.pytorch as L
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+
+    import overhead
+    from lightning_gradguard import GradGuard
+    from models import build_model
+
+    class Module(overhead.BenchModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if overflow_step is not None and self.trainer.global_step == overflow_step:
+                loss = loss * 1e30  # fp16 gradients overflow to inf; the GradScaler skips the step
+            return loss
+
+    torch.manual_seed(0)
+    spec = build_model("mlp")
+    module = Module(spec.net, spec.loss_fn, 1e-3)
+    g = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader(overhead.BatchPool([spec.make_batch(g) for _ in range(8)], steps),
+                                         batch_size=None)
+    guard = GradGuard()
+    tmp = tempfile.mkdtemp(prefix="gradguard-fp16-")
+    logger = CSVLogger(tmp, name="fp16")
+    trainer = L.Trainer(accelerator="cuda", devices=1, precision="16-mixed", max_steps=steps, max_epochs=1,
+                        logger=logger, log_every_n_steps=1, callbacks=[guard], enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, train_dataloaders=loader)
+    rows = []
+    metrics_csv = Path(logger.log_dir) / "metrics.csv"
+    if metrics_csv.exists():
+        with metrics_csv.open() as f:
+            rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    info = {"final_loss_scale": scaler.get_scale() if scaler is not None else None,
+            "global_step": trainer.global_step}
+    return list(getattr(guard, "events", [])), rows, info
+
+
+def check_fp16(args, report: Report) -> None:
+    parts = ["## (c) precision='16-mixed' with GradGuard() (GradScaler path), mlp, 40 steps",
+             "Metrics table: the first 5 steps, the steps around the overflow, and the last 3."]
+    for label, overflow in (("clean run", None), ("one overflowing step (loss x 1e30 at global_step 15)", 15)):
+        try:
+            events, rows, info = fp16_run(overflow)
+        except Exception as exc:
+            traceback.print_exc()
+            parts.append(f"### {label}\n\nfailed: {type(exc).__name__}: {exc}")
+            continue
+        ev = "\n".join(f"- step {getattr(e, 'step', '?')} {getattr(e, 'kind', '?')} "
+                       f"({getattr(e, 'reason', '')}): actions {getattr(e, 'actions', '')}: {getattr(e, 'message', e)}"
+                       for e in events) or "- (no events)"
+        grad_keys = sorted({k for r in rows for k in r if k.startswith("grad/")})
+        global_keys = [k for k in grad_keys if k.count("/") == 1]
+        table = io.StringIO()
+        if global_keys:
+            table.write("| step | " + " | ".join(global_keys) + " |\n|" + "---|" * (len(global_keys) + 1) + "\n")
+            for r in rows:
+                step = int(float(r.get("step", -99)))
+                near = step < 5 or step >= 37 or (overflow is not None and abs(step - overflow) <= 3)
+                if near and any(k in r for k in global_keys):
+                    table.write(f"| {r.get('step', '?')} | " + " | ".join(r.get(k, "") for k in global_keys) + " |\n")
+        parts.append(
+            f"### {label}\n\nglobal_step {info['global_step']}, final loss scale {info['final_loss_scale']}\n\n"
+            f"Events ({len(events)}):\n\n{ev}\n\n"
+            f"grad/ keys logged ({len(grad_keys)}): {', '.join(f'`{k}`' for k in grad_keys[:40])}"
+            f"{' ...' if len(grad_keys) > 40 else ''}\n\n{table.getvalue() or '(no global grad/ metrics logged)'}")
+    report.add("\n\n".join(parts))
+
+
+# ---------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="GPU checks for GradGuard (needs CUDA).")
+    p.add_argument("--models", default="gpt,resnet50", help="models for the overhead benchmark (a)")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per overhead run")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--run-budget", type=float, default=8.0, help="seconds per overhead run before it is cut")
+    p.add_argument("--skip-bench", action="store_true", help="skip (a), the overhead benchmark")
+    p.add_argument("--only", choices=("a", "b", "c"), action="append", help="run only these checks")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check.py needs a CUDA GPU: torch.cuda.is_available() is False "
+              f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). Nothing was run.", file=sys.stderr)
+        return 2
+
+    import os
+
+    import lightning
+    import overhead  # sets up offline W&B in a temporary folder
+
+    os.chdir(REPO)  # results paths and the recorded commands are relative to the repository root
+
+    name = torch.cuda.get_device_name(0)
+    path = REPO / "benchmarks" / "results" / f"overhead-{_card_slug()}-gpu-check.md"
+    header = (f"# GradGuard GPU check — {name}\n\n```bash\npython benchmarks/gpu_check.py"
+              f"{(' ' + ' '.join(argv if argv is not None else sys.argv[1:])) if (argv or sys.argv[1:]) else ''}\n```\n\n"
+              f"- {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
+              f"lightning {lightning.__version__}, " + ", ".join(f"{k} {v}" for k, v in overhead.versions().items()
+                                                                 if k not in ("torch", "lightning")))
+    report = Report(path, header)
+    only = set(args.only or ("a", "b", "c"))
+    if args.skip_bench:
+        only.discard("a")
+    checks = [("b", check_syncs), ("c", check_fp16), ("a", check_overhead)]  # the long one last
+    t0 = time.perf_counter()
+    for key, fn in checks:
+        if key not in only:
+            continue
+        t = time.perf_counter()
+        try:
+            fn(args, report)
+        except Exception as exc:
+            report.add(f"## ({key}) failed\n\n```\n{traceback.format_exc()}\n```")
+            print(f"check ({key}) failed: {exc}", file=sys.stderr)
+        print(f"[check ({key}) took {time.perf_counter() - t:.0f} s]", flush=True)
+    report.add(f"_total {time.perf_counter() - t0:.0f} s_")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
