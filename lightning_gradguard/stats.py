@@ -112,6 +112,14 @@ class LayerPlan:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def uniform(self) -> bool:
+        """All parameters on one device with one dtype (so are their gradients)."""
+        cached = self._index_cache.get("uniform")
+        if cached is None:
+            cached = self._index_cache["uniform"] = len({(p.device, p.dtype) for p in self.params}) <= 1
+        return cached
+
     def present(self, positions: Sequence[int], device: torch.device) -> Tensor:
         """Bool per layer: does any parameter in ``positions`` belong to it? Cached like :meth:`index`."""
         key = ("present", len(positions) if len(positions) == len(self.params) else tuple(positions), device)
@@ -138,7 +146,7 @@ class LayerPlan:
             ids = self.layer_of_param if positions is None else [self.layer_of_param[i] for i in positions]
             cached = torch.tensor(ids, dtype=torch.long, device=device)
             if len(self._index_cache) > 64:  # parameters with/without grads rarely vary; bound it anyway
-                self._index_cache.clear()
+                self._index_cache = {k: v for k, v in self._index_cache.items() if k == "uniform"}
             self._index_cache[key] = cached
         return cached
 
@@ -223,7 +231,12 @@ def grad_stats(
     n_layers = plan.num_layers
     index = plan.index(None if len(positions) == len(plan.params) else positions, device)
 
-    tensor_norm = _tensor_norms(grads, 2.0, device)
+    if plan.uniform and not any(g.is_sparse for g in grads):
+        # the common case, known from the plan: one device, one dtype (a gradient always has its
+        # parameter's), all dense: one foreach kernel, no per-tensor grouping work in Python
+        tensor_norm = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
+    else:
+        tensor_norm = _tensor_norms(grads, 2.0, device)
     if grad_scale is not None:
         tensor_norm = tensor_norm / grad_scale.to(device=device, dtype=torch.float32)
     zeros = torch.zeros(n_layers, dtype=torch.float32, device=device)
