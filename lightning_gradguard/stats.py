@@ -166,12 +166,17 @@ class GradStats:
     update_ratio: Tensor | None = None  # lr * grad norm / weight norm
 
 
-def _tensor_norms(tensors: list[Tensor], ord: float, device: torch.device) -> Tensor:
+def _tensor_norms(tensors: list[Tensor], ord: float, device: torch.device, uniform: bool = False) -> Tensor:
     """Float32 norm of each tensor, one foreach kernel per (device, dtype), stacked on ``device``.
 
+    ``uniform``: the caller knows all tensors share one device and dtype (a
+    plan's parameters, and so their gradients): then, unless one is sparse,
+    a single foreach call with no per-tensor grouping work in Python.
     Sparse tensors are coalesced first (duplicate indices add up) and measured
     by their values; they are rare (embeddings with ``sparse=True``).
     """
+    if uniform and not any(t.is_sparse for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32)).to(device)
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype, t.is_sparse), []).append(i)
@@ -231,12 +236,8 @@ def grad_stats(
     n_layers = plan.num_layers
     index = plan.index(None if len(positions) == len(plan.params) else positions, device)
 
-    if plan.uniform and not any(g.is_sparse for g in grads):
-        # the common case, known from the plan: one device, one dtype (a gradient always has its
-        # parameter's), all dense: one foreach kernel, no per-tensor grouping work in Python
-        tensor_norm = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
-    else:
-        tensor_norm = _tensor_norms(grads, 2.0, device)
+    uniform = plan.uniform  # one device, one dtype: a gradient always has its parameter's
+    tensor_norm = _tensor_norms(grads, 2.0, device, uniform)
     if grad_scale is not None:
         tensor_norm = tensor_norm / grad_scale.to(device=device, dtype=torch.float32)
     zeros = torch.zeros(n_layers, dtype=torch.float32, device=device)
@@ -246,7 +247,7 @@ def grad_stats(
         sums.append(zeros.index_add(0, index, torch.full_like(tensor_norm, 0.0 if placeholder else 1.0)))
     if param_norms:
         weights = [plan.params[i].detach() for i in positions]
-        w_norm = _tensor_norms(weights, 2.0, device)
+        w_norm = _tensor_norms(weights, 2.0, device, uniform)
         sums.append(zeros.index_add(0, index, w_norm.square()))
     if lrs is not None and param_norms:
         lr = lrs if isinstance(lrs, Tensor) else torch.tensor(list(lrs), dtype=torch.float32, device=device)
@@ -263,7 +264,7 @@ def grad_stats(
     stats = GradStats(plan.layers, norm, layer_sq.sum().sqrt(), ~torch.isfinite(layer_sq), present)
 
     if max_abs:
-        tensor_max = _tensor_norms(grads, math.inf, device)
+        tensor_max = _tensor_norms(grads, math.inf, device, uniform)
         if grad_scale is not None:
             tensor_max = tensor_max / grad_scale.to(device=device, dtype=torch.float32)
         # scatter_reduce's amax propagates NaN, so a NaN layer reports NaN
