@@ -25,6 +25,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -59,9 +60,9 @@ class TraceRecorder(Callback):
     """Records, per optimizer step, what the guard's detectors consume."""
 
     def __init__(self) -> None:
-        self.norms: list[torch.Tensor] = []
-        self.present: list[torch.Tensor] = []
-        self.nonfinite: list[torch.Tensor] = []
+        self.norms: list[np.ndarray] = []
+        self.present: list[np.ndarray] = []
+        self.nonfinite: list[np.ndarray] = []
         self.weight: list[float] = []
         self.losses: list[float] = []
         self.plan: LayerPlan | None = None
@@ -70,10 +71,10 @@ class TraceRecorder(Callback):
         if self.plan is None:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
             self.plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), only=params)
-        s = grad_stats(self.plan, param_norms=True)
-        self.norms.append(torch.cat([s.total.reshape(1), s.norm]))
-        self.present.append(torch.cat([torch.ones(1, dtype=torch.bool), s.present]))
-        self.nonfinite.append(torch.cat([s.nonfinite.any().reshape(1), s.nonfinite]))
+        s = grad_stats(self.plan, param_norms=True)  # a recorder may sync: it is not the guard
+        self.norms.append(torch.cat([s.total.reshape(1), s.norm]).double().numpy())
+        self.present.append(torch.cat([torch.ones(1, dtype=torch.bool), s.present]).numpy())
+        self.nonfinite.append(torch.cat([s.nonfinite.any().reshape(1), s.nonfinite]).numpy())
         self.weight.append(float(s.param_norm.square().sum().sqrt()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -98,32 +99,33 @@ def replay(trace: dict, cfg: DetectorConfig, converged_ratio: float) -> dict:
     for t, norm in enumerate(rec.norms):
         weight = None
         if t < cfg.warmup_steps:
-            weight = torch.full_like(norm, math.nan)
+            weight = np.full(norm.shape, math.nan)
             weight[0] = rec.weight[t]
         rep = det.update(norm, rec.present[t], rec.nonfinite[t], converged=loss.converged(),
                          worsening=loss.worsening(), weight_norm=weight)
-        code = rep[Row.CODE].long()
+        code = rep[Row.CODE].astype(np.int64)
         if (code & Code.NONFINITE).any():
             flags.append((t, "nonfinite"))
         if (code & Code.EXPLODING).any():
             flags.append((t, "exploding"))
         if (code & Code.VANISH).any():
             flags.append((t, "vanishing"))
-        finite = torch.isfinite(rep[Row.NORM]) & (rep[Row.NORM] > 0)
-        if t >= cfg.warmup_steps and finite.any():
-            x = rep[Row.NORM][finite].log10()
-            sigma = (x - rep[Row.LEVEL][finite]) / rep[Row.SCALE][finite].clamp_min(cfg.min_scale)
-            peak["sigma"] = max(peak["sigma"], float(sigma.max()))
-            peak["ratio"] = max(peak["ratio"], float((x - rep[Row.LEVEL][finite]).max()))
-        growth = rep[Row.FAST] - rep[Row.GROWTH_BASE]
-        if bool(loss.worsening() if loss.worsening() is not None else True) and torch.isfinite(growth).any():
-            peak["growth"] = max(peak["growth"], float(growth[torch.isfinite(growth)].max()))
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(rep[Row.NORM]) & (rep[Row.NORM] > 0)
+            if t >= cfg.warmup_steps and finite.any():
+                x = np.log10(rep[Row.NORM][finite])
+                sigma = (x - rep[Row.LEVEL][finite]) / np.maximum(rep[Row.SCALE][finite], cfg.min_scale)
+                peak["sigma"] = max(peak["sigma"], float(sigma.max()))
+                peak["ratio"] = max(peak["ratio"], float((x - rep[Row.LEVEL][finite]).max()))
+            growth = rep[Row.FAST] - rep[Row.GROWTH_BASE]
+        if loss.worsening() is not False and np.isfinite(growth).any():
+            peak["growth"] = max(peak["growth"], float(growth[np.isfinite(growth)].max()))
         gw = rep[Row.GRAD_WEIGHT, 0]
-        if torch.isfinite(gw):
+        if np.isfinite(gw):
             peak["grad_weight"] = max(peak["grad_weight"], float(gw))
-        if not bool(loss.converged() if loss.converged() is not None else False):
+        if not loss.converged():
             peak["vanish_streak"] = max(peak["vanish_streak"], float(rep[Row.STREAK].max()))
-        loss.observe(torch.tensor(rec.losses[t]) if t < len(rec.losses) else torch.tensor(math.nan))
+        loss.observe(rec.losses[t] if t < len(rec.losses) else math.nan)
     return {"flags": flags, "peak": peak}
 
 

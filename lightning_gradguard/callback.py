@@ -4,9 +4,17 @@ Data flows one way, once per optimizer step, in ``on_before_optimizer_step``
 (after accumulation, the DDP all-reduce and AMP unscaling, before the Trainer's
 own clipping)::
 
-    gradients -> grad_stats (device) -> TrendDetector (device) -> ONE host sync
-              -> events -> actions (clip / skip / reduce_lr / rollback / stop / raise)
-                        -> sinks (Lightning loggers, Python logging)
+    gradients -> layer_sums (device: one foreach norm pass, one index_add)
+              -> ONE host sync (a few floats per layer, plus the last step's loss)
+              -> TrendDetector, LossTrend (host, numpy) -> events
+              -> actions (clip / skip / reduce_lr / rollback / stop / raise)
+              -> sinks (Lightning loggers, Python logging)
+
+Only the gradient read stays on the device: everything after it is decided on
+a few floats per layer, and the host needs those anyway (events, responses and
+logging are host work), so they are copied once and the decisions are made
+there. On the device each of the detector's ~100 tiny operations would cost a
+kernel launch (on a CPU device, the dispatcher's overhead) for no gain.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from lightning_gradguard.config import check_choice, check_number, check_respons
 from lightning_gradguard.detectors import REPORT_ROWS, Code, DetectorConfig, LossTrend, Row, TrendDetector
 from lightning_gradguard.events import KINDS, GradEvent, GradientHealthError, Response
 from lightning_gradguard.sinks import GuardSink
-from lightning_gradguard.stats import GradStats, LayerPlan, grad_stats
+from lightning_gradguard.stats import LayerPlan, LayerSums, layer_sums
 
 __all__ = ["GradGuard"]
 
@@ -63,6 +71,7 @@ class _Watch:
     last_lr_change: int = -(10**9)
     healthy_since: int = 0
     group_index: Tensor | None = None  # param group of each plan parameter (for update ratios)
+    device: torch.device = torch.device("cpu")  # where the gradients live
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
 
     def series_name(self, i: int) -> str | None:
@@ -317,8 +326,10 @@ class GradGuard(Callback):
         self._pending_state: dict[int, dict] = {}  # loaded before the optimizers exist
         self._lr_scales: dict[int, LRScale] = {}
         self._event_counts = {"nonfinite": 0, "exploding": 0, "vanishing": 0}
-        # running loss level on the device (the growth and vanishing gates); see on_train_batch_end
+        # running loss level (the growth and vanishing gates), on the host; the losses of the steps
+        # since the last optimizer step wait on the device and ride along with its one sync
         self._loss = LossTrend(self.config.warmup_steps, self.config.growth_window, self.converged_loss_ratio)
+        self._pending_losses: list[Tensor] = []
         self._scaler: Any = None
         self._reduce = None  # cross-rank reduction of partial sums, for sharded strategies
 
@@ -415,7 +426,19 @@ class GradGuard(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             return
-        self._loss.observe(loss)
+        # kept on the device (no sync here); read with the next step's statistics
+        self._pending_losses.append(loss.detach().reshape(1))
+        if len(self._pending_losses) > 64:  # many batches without an optimizer step: bound the list
+            self._pending_losses = [torch.cat([x.float() for x in self._pending_losses])]
+
+    def _flush_losses(self, values: Any = None) -> None:
+        """Feed the pending losses to the loss trend: ``values`` read with the step's sync, or
+        (``None``, at checkpoint time only) read here."""
+        if values is None:
+            values = [v for x in self._pending_losses for v in x.float().cpu().tolist()]  # sync: checkpoint time only
+        self._pending_losses = []
+        for v in values:
+            self._loss.observe(v)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
@@ -445,7 +468,7 @@ class GradGuard(Callback):
             self.config.max_grad_weight_ratio is not None and watch.counts["steps"] < self.config.warmup_steps
         )
 
-        stats = grad_stats(
+        sums = layer_sums(
             watch.plan,
             max_abs=detail_step,
             param_norms=param_step,
@@ -453,24 +476,30 @@ class GradGuard(Callback):
             grad_scale=self._unscaled_factor(optimizer),
             all_reduce=self._reduce,
         )
-        if stats is None:
+        if sums is None:
             return
-        weight_row = _series_row(stats.param_norm, stats, total="l2")
+        rows = [sums.grad_sq] + [
+            r for r in (sums.present, sums.max_abs, sums.weight_sq, sums.update_sq) if isinstance(r, Tensor)
+        ]
+        n_losses = sum(x.numel() for x in self._pending_losses)
+        if n_losses:
+            device = sums.grad_sq.device
+            rows += [x.to(device, torch.float32) for x in self._pending_losses]
+        # THE host sync of this step: one device->host copy of a few floats per layer (and the
+        # losses since the last step). Detection, events, actions and logging all run on this copy.
+        flat = torch.cat(rows).cpu().numpy()  # sync: the only one per step
+        if n_losses:
+            self._flush_losses(flat[len(flat) - n_losses :].tolist())  # numpy: no sync
+        series = _host_series(sums, flat)
         report = watch.detector.update(
-            *_series(stats),
+            series["norm"], series["present"], series["nonfinite"],
             converged=self._loss.converged(),
-            update_ratio=_series_row(stats.update_ratio, stats),
+            update_ratio=series.get("update_ratio"),
             worsening=self._loss.worsening(),
-            weight_norm=weight_row,
+            weight_norm=series.get("weight"),
         )
-        rows = [report]
-        if detail_step:
-            rows.append(_series_row(stats.max_abs, stats, total="max")[None])
-        if param_step:
-            rows.append(weight_row[None])
-        # THE host sync of this step (one device->host copy of a few floats per layer):
-        # events, actions and logging all need the numbers on the host.
-        host = torch.cat(rows).cpu().numpy()  # sync: the only one per step
+        extra = [series[name][None] for name in ("max_abs", "weight") if name in series]
+        host = np.concatenate([report, *extra]) if extra else report
         watch.counts["steps"] += 1
 
         events = self._findings(watch, host, step)
@@ -497,9 +526,9 @@ class GradGuard(Callback):
         if watch is None:
             params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
             plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), depth=self.group_depth, only=params)
-            device = params[0].device if params else torch.device("cpu")
-            detector = TrendDetector(self.config, plan.num_layers + 1, device)
+            detector = TrendDetector(self.config, plan.num_layers + 1)
             watch = _Watch(index, plan, detector)
+            watch.device = params[0].device if params else torch.device("cpu")
             if "reduce_lr" in self.on_nonfinite + self.on_exploding:
                 watch.lr_scale = self._lr_scales.get(index) or LRScale(optimizer)
                 self._lr_scales[index] = watch.lr_scale
@@ -514,9 +543,9 @@ class GradGuard(Callback):
         if watch.group_index is None:
             group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
             ids = [group_of.get(id(p), 0) for p in watch.plan.params]
-            watch.group_index = torch.tensor(ids, device=watch.detector.device)  # once per optimizer
+            watch.group_index = torch.tensor(ids, device=watch.device)  # once per optimizer
         scale = watch.lr_scale.value if watch.lr_scale else 1.0
-        device = watch.detector.device
+        device = watch.device
         # torch.full launches a fill kernel with the value as an argument (no host->device copy);
         # a tensor lr (capturable optimizers) stays on the device
         per_group = torch.stack([
@@ -939,6 +968,8 @@ class GradGuard(Callback):
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._pending_losses:
+            self._flush_losses()  # the trend observes them now instead of at the next step: same state then
         watches = {}
         for index, w in self._watches.items():
             watches[index] = {
@@ -975,7 +1006,6 @@ class GradGuard(Callback):
             self._loss.load_state_dict(loss)
 
     def _restore_watch(self, watch: _Watch) -> None:
-        self._loss.to(watch.detector.device)  # loaded on the CPU; the loss lives where the gradients do
         state = self._pending_state.pop(watch.index, None)
         if not state:
             return
@@ -997,25 +1027,39 @@ class GradGuard(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
-def _series(stats: GradStats) -> tuple[Tensor, Tensor, Tensor]:
-    """Global + per-layer vectors (series 0 is global)."""
-    one = stats.present.new_ones(1)
-    norm = torch.cat([stats.total.reshape(1), stats.norm])
-    present = torch.cat([one, stats.present])
-    nonfinite = torch.cat([stats.nonfinite.any().reshape(1), stats.nonfinite])
-    return norm, present, nonfinite
+def _host_series(sums: LayerSums, flat: np.ndarray) -> dict[str, np.ndarray]:
+    """Global + per-layer series (index 0 is global), float64, from the host copy of ``sums``' rows
+    (concatenated in the order ``grad_sq, present, max_abs, weight_sq, update_sq``, absent ones skipped)."""
+    n = len(sums.grad_sq)
+    flat = flat.astype(np.float64)
 
+    def with_total(row: np.ndarray, total: float) -> np.ndarray:
+        out = np.empty(n + 1)
+        out[0], out[1:] = total, row
+        return out
 
-def _series_row(values: Tensor | None, stats: GradStats, total: str = "none") -> Tensor | None:
-    if values is None:
-        return None
-    if total == "max":
-        head = values.max().reshape(1)
-    elif total == "l2":
-        head = values.square().sum().sqrt().reshape(1)
+    grad_sq, k = flat[:n], n
+    if isinstance(sums.present, Tensor):  # counts across ranks
+        present, k = flat[k : k + n] > 0, k + n
     else:
-        head = torch.full((1,), math.nan, device=values.device)
-    return torch.cat([head, values])
+        present = sums.present
+    nonfinite = ~np.isfinite(grad_sq)
+    out = {
+        "norm": np.sqrt(with_total(grad_sq, grad_sq.sum())),  # NaN/Inf propagate to the global norm
+        "present": with_total(present, True).astype(bool),
+        "nonfinite": with_total(nonfinite, nonfinite.any()).astype(bool),
+    }
+    if sums.max_abs is not None:
+        max_abs, k = flat[k : k + n], k + n
+        out["max_abs"] = with_total(max_abs, max_abs.max() if n else math.nan)
+    if sums.weight_sq is not None:
+        weight_sq, k = flat[k : k + n], k + n
+        out["weight"] = np.sqrt(with_total(weight_sq, weight_sq.sum()))
+        if sums.update_sq is not None:
+            with np.errstate(all="ignore"):  # inf / inf: NaN, a finding
+                update = np.sqrt(flat[k : k + n]) / np.maximum(out["weight"][1:], np.finfo(np.float32).tiny)
+            out["update_ratio"] = with_total(update, math.nan)
+    return out
 
 
 # reasons that mean the weights are already damaged (a rollback is due even on the first bad step)

@@ -1,8 +1,8 @@
-"""Trend detectors: robust running statistics of gradient norms, on the device.
+"""Trend detectors: robust running statistics of gradient norms, on the host.
 
 :class:`TrendDetector` follows a set of *series* (series 0 is the global norm,
 series ``1..L`` the layers of a :class:`~lightning_gradguard.stats.LayerPlan`)
-in log10 space and flags, every step, without a host sync:
+in log10 space and flags, every step:
 
 * ``SPIKE``: a norm far above its own robust running level (a z-score on a
   Huber-clamped running level and mean absolute deviation, and at least
@@ -30,9 +30,13 @@ moves the slow level by at most ``clamp_sigmas`` deviations, so one wild step
 neither poisons the level nor freezes it (a lasting change of regime widens
 the deviation and is followed within tens of steps, reported as ``GROWTH``).
 
-The caller gets one packed ``[REPORT_ROWS, S]`` float32 tensor per step (see
-:data:`REPORT_ROWS`); turning it into events is host work, done once per step
-after the single sync (see :mod:`lightning_gradguard.callback`).
+Where it runs: the inputs are a few floats per layer that the guard copies to
+the host anyway (its one sync per step: events, responses and logging need
+them there), so the detector is numpy on that copy (float64), a few tens of
+microseconds per step. On the device the same ~100 tiny operations would cost
+a kernel launch each (and on a CPU device, the dispatcher's overhead each).
+The caller gets one ``[REPORT_ROWS, S]`` array per step (see :data:`REPORT_ROWS`)
+and turns it into events (see :mod:`lightning_gradguard.callback`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -65,7 +70,7 @@ class Code:
 
 
 class Row:
-    """Rows of the packed report, each a float32 vector over the series."""
+    """Rows of the report, each a float64 vector over the series."""
 
     CODE = 0  # Code bit flags
     NORM = 1  # the norm this step
@@ -119,172 +124,208 @@ class DetectorConfig:
 _STATE = ("count", "level", "scale", "fast", "maxseen", "peak", "streak", "ring")
 
 
+def _host(x, dtype=np.float64) -> np.ndarray:
+    """A host array from a numpy array, a sequence or a *CPU* tensor (never a device tensor: that would sync)."""
+    if isinstance(x, Tensor):
+        x = x.detach().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _lower_median(values: np.ndarray) -> float:
+    """The lower median of the non-NaN values (NaN if none), as ``torch.nanmedian`` defines it."""
+    if np.isnan(values).any():
+        values = values[~np.isnan(values)]
+    if not values.size:
+        return math.nan
+    k = (values.size - 1) // 2
+    return float(np.partition(values, k)[k])
+
+
 class TrendDetector:
     """Running trend state over ``num_series`` norms; one per optimizer.
 
+    Host code on a handful of floats per layer: the guard copies the step's
+    per-layer sums to the host once (its one sync) and runs this on the copy,
+    so the device sees none of the ~100 tiny operations below.
+
     >>> det = TrendDetector(DetectorConfig(warmup_steps=3), num_series=1)
     >>> for norm in [1.0, 1.1, 0.9, 1.0, 1.05]:
-    ...     report = det.update(torch.tensor([norm]), torch.tensor([True]), torch.tensor([False]))
-    >>> int(det.update(torch.tensor([500.0]), torch.tensor([True]), torch.tensor([False]))[Row.CODE, 0]) & Code.SPIKE
+    ...     report = det.update([norm], [True], [False])
+    >>> int(det.update([500.0], [True], [False])[Row.CODE, 0]) & Code.SPIKE
     2
     """
 
-    def __init__(self, config: DetectorConfig, num_series: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, config: DetectorConfig, num_series: int) -> None:
         self.config = config
         self.num_series = num_series
-        self.steps = 0  # updates so far: a host integer, so ring indexing needs no sync
+        self.steps = 0  # updates so far
         c, s = config, num_series
-        f32 = dict(dtype=torch.float32, device=device)
-        self.count = torch.zeros(s, **f32)
-        self.level = torch.zeros(s, **f32)
-        self.scale = torch.full((s,), c.initial_scale, **f32)
-        self.fast = torch.full((s,), math.nan, **f32)
-        self.maxseen = torch.full((s,), -math.inf, **f32)
-        self.peak = torch.full((s,), -math.inf, **f32)
-        self.streak = torch.zeros(s, **f32)
-        self.ring = torch.full((c.growth_window, s), math.nan, **f32)
-        self._bits: dict[tuple, Tensor] = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self.level.device
+        self.count = np.zeros(s)
+        self.level = np.zeros(s)
+        self.scale = np.full(s, c.initial_scale)
+        self.fast = np.full(s, math.nan)
+        self.maxseen = np.full(s, -math.inf)
+        self.peak = np.full(s, -math.inf)
+        self.streak = np.zeros(s)
+        self.ring = np.full((c.growth_window, s), math.nan)
+        # constants of the update, in log10 units
+        self._log_spike_min = math.log10(c.spike_min_ratio)
+        self._log_warmup_spike = math.log10(c.warmup_spike_ratio)
+        self._log_growth = math.log10(c.growth_factor)
+        self._log_vanish = math.log10(c.vanish_factor)
+        self._log_drop = math.log10(c.vanish_drop)
+        self._all_warm = False  # every series past warm-up, with one observation at least: the steady state
 
     def update(
         self,
-        norm: Tensor,
-        present: Tensor,
-        nonfinite: Tensor,
-        converged: Tensor | None = None,
-        update_ratio: Tensor | None = None,
-        worsening: Tensor | None = None,
-        weight_norm: Tensor | None = None,
-    ) -> Tensor:
-        """Consume one step's norms (``[S]``) and return the packed ``[REPORT_ROWS, S]`` report.
+        norm,
+        present,
+        nonfinite,
+        converged: bool | None = None,
+        update_ratio=None,
+        worsening: bool | None = None,
+        weight_norm=None,
+    ) -> np.ndarray:
+        """Consume one step's norms (``[S]``) and return the ``[REPORT_ROWS, S]`` float64 report.
 
-        ``present`` marks series that had gradients this step; ``converged`` is a
-        boolean scalar (the loss has converged: vanishing is then expected);
-        ``update_ratio`` is per series, NaN where unknown; ``worsening`` is a
-        boolean scalar (the loss has not improved over the growth window):
-        growing norms are only reported as exploding while it holds, since
-        norms also grow in healthy phases (sharpening logits, LR warm-up)
-        while the loss falls. ``weight_norm`` is per series (NaN where unknown).
+        Arrays may be numpy arrays, sequences or CPU tensors. ``present`` marks
+        series that had gradients this step; ``converged`` (the loss has
+        converged: vanishing is then expected) and ``worsening`` (the loss has
+        not improved over the growth window: growing norms are only reported
+        as exploding while it holds, since norms also grow in healthy phases,
+        sharpening logits, LR warm-up, while the loss falls) are booleans or
+        ``None`` (unknown); ``update_ratio`` and ``weight_norm`` are per
+        series, NaN where unknown.
         """
+        with np.errstate(all="ignore"):  # NaN/Inf are data here (a NaN norm is a finding, not an error)
+            return self._update(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
+
+    def _update(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm) -> np.ndarray:
+        # Host numpy on [S] vectors: the cost is ~1 us per call, whatever S, so the steady state
+        # (every series warm, every value finite, the usual step) takes a shorter path with fewer calls.
         c = self.config
-        norm = norm.to(self.device, torch.float32)
-        finite = torch.isfinite(norm) & ~nonfinite.to(self.device)
-        present = present.to(self.device)
+        norm = _host(norm)
+        present = _host(present, bool)
+        finite = np.isfinite(norm)
+        all_finite = bool(finite.all())
+        if not all_finite or _host(nonfinite, bool).any():
+            finite &= ~_host(nonfinite, bool)
+            all_finite = False
         ok = present & finite & (norm > 0)
-        x = torch.log10(norm.clamp_min(_TINY))
-        x = torch.where(finite, x, torch.zeros_like(x))  # placeholder; never used where not finite
-        warm = self.count >= c.warmup_steps
-        level, scale = self.level, self.scale
+        x = np.log10(np.maximum(norm, _TINY))
+        if not all_finite:
+            x[~finite] = 0.0  # a placeholder, never used where not finite
+        count, level, scale, fast = self.count, self.level, self.scale, self.fast
+        report = np.empty((REPORT_ROWS, self.num_series))
+        report[Row.NORM], report[Row.LEVEL], report[Row.SCALE] = norm, level, scale
 
-        # --- spike: z-score on the slow level after warm-up, ratio to the max seen before
-        spike_log = torch.where(
-            warm,
-            level + torch.clamp(c.spike_zscore * scale, min=math.log10(c.spike_min_ratio)),
-            self.maxseen + math.log10(c.warmup_spike_ratio),
-        )
-        spike = ok & (self.count >= 1) & (x > spike_log)
-        # (bit, bool mask) pairs, packed into one code row at the end with a single weighted sum
-        flags: list[tuple[int, Tensor]] = [(Code.SPIKE, spike), (Code.NONFINITE, present & ~finite)]
-        only_global = torch.zeros_like(present)
-        only_global[0] = True
-        if c.max_norm is not None:
-            flags.append((Code.CEILING, only_global & finite & (norm > c.max_norm)))
-        grad_weight = torch.full_like(norm, math.nan)
-        if weight_norm is not None:
-            weight_norm = weight_norm.to(self.device, torch.float32)
-            grad_weight = torch.where(weight_norm > 0, norm / weight_norm.clamp_min(_TINY), math.nan)
-            if c.max_grad_weight_ratio is not None:
-                flags.append((Code.GRAD_WEIGHT, only_global & finite & (grad_weight > c.max_grad_weight_ratio)))
-        if update_ratio is not None and c.max_update_ratio is not None:
-            over = present & (update_ratio.to(self.device) > c.max_update_ratio)
-            flags.append((Code.UPDATE_RATIO, over))
-
-        # --- update the running statistics with finite, positive observations only
-        dev = x - level
-        in_warmup = ~warm
-        rate = torch.where(in_warmup, 1.0 / (self.count + 1.0), c.level_alpha)
         bound = c.clamp_sigmas * scale
-        step = torch.where(in_warmup, dev, torch.maximum(torch.minimum(dev, bound), -bound))
-        scale_rate = torch.where(in_warmup, 1.0 / (self.count + 2.0), c.scale_beta)  # warm-up: mean with the prior
-        new_scale = (scale + scale_rate * (step.abs() - scale)).clamp_min(c.min_scale)
-        new_level = torch.where(self.count == 0, x, level + rate * step)
-        self.level = torch.where(ok, new_level, level)
-        self.scale = torch.where(ok & (self.count > 0), new_scale, scale)
-        # the fast level ignores the excess of a spike, so one spike is not mistaken for growth
-        x_fast = torch.where(warm, torch.minimum(x, spike_log), x)
-        new_fast = torch.where(self.count == 0, x, self.fast + c.fast_alpha * (x_fast - self.fast))
-        self.fast = torch.where(ok, new_fast, self.fast)
-        self.maxseen = torch.where(ok, torch.maximum(self.maxseen, x), self.maxseen)
-        self.count = self.count + ok.float()
-        warm_now = self.count >= c.warmup_steps
-        self.peak = torch.where(ok & warm_now, torch.maximum(self.peak, self.fast), self.peak)
+        if self._all_warm:  # steady state: every series past warm-up
+            # --- spike: a z-score on the slow level
+            spike_log = level + np.maximum(c.spike_zscore * scale, self._log_spike_min)
+            code = (ok & (x > spike_log)) * Code.SPIKE
+            # --- running statistics, with finite, positive observations only
+            step = np.clip(x - level, -bound, bound)
+            self.level = np.where(ok, level + c.level_alpha * step, level)
+            self.scale = np.where(ok, np.maximum(scale + c.scale_beta * (np.abs(step) - scale), c.min_scale), scale)
+            # the fast level ignores the excess of a spike, so one spike is not mistaken for growth
+            self.fast = np.where(ok, fast + c.fast_alpha * (np.minimum(x, spike_log) - fast), fast)
+            self.maxseen = np.where(ok, np.maximum(self.maxseen, x), self.maxseen)
+            self.count = count + ok
+            self.peak = np.where(ok, np.maximum(self.peak, self.fast), self.peak)
+            known = present
+        else:
+            warm = count >= c.warmup_steps
+            # --- spike: z-score on the slow level after warm-up, ratio to the max seen before
+            spike_log = np.where(
+                warm, level + np.maximum(c.spike_zscore * scale, self._log_spike_min), self.maxseen + self._log_warmup_spike
+            )
+            code = (ok & (count >= 1) & (x > spike_log)) * Code.SPIKE
+            # --- running statistics, with finite, positive observations only
+            dev = x - level
+            in_warmup = ~warm
+            rate = np.where(in_warmup, 1.0 / (count + 1.0), c.level_alpha)
+            step = np.where(in_warmup, dev, np.clip(dev, -bound, bound))
+            scale_rate = np.where(in_warmup, 1.0 / (count + 2.0), c.scale_beta)  # warm-up: mean with the prior
+            new_scale = np.maximum(scale + scale_rate * (np.abs(step) - scale), c.min_scale)
+            first = count == 0
+            self.level = np.where(ok, np.where(first, x, level + rate * step), level)
+            self.scale = np.where(ok & ~first, new_scale, scale)
+            x_fast = np.where(warm, np.minimum(x, spike_log), x)
+            self.fast = np.where(ok, np.where(first, x, fast + c.fast_alpha * (x_fast - fast)), fast)
+            self.maxseen = np.where(ok, np.maximum(self.maxseen, x), self.maxseen)
+            self.count = count + ok
+            warm_now = self.count >= c.warmup_steps
+            self.peak = np.where(ok & warm_now, np.maximum(self.peak, self.fast), self.peak)
+            self._all_warm = bool(self.count.min() >= max(c.warmup_steps, 1))
+            known = present & (self.count > 0)
+        report[Row.SPIKE_AT] = np.power(10.0, spike_log)
+        report[Row.FAST] = self.fast
+
+        if not all_finite:
+            code |= (present & ~finite) * Code.NONFINITE
+        if c.max_norm is not None and finite[0] and norm[0] > c.max_norm:
+            code[0] |= Code.CEILING
+        if weight_norm is None:
+            report[Row.GRAD_WEIGHT] = math.nan
+        else:
+            weight_norm = _host(weight_norm)
+            grad_weight = report[Row.GRAD_WEIGHT]
+            grad_weight[:] = np.where(weight_norm > 0, norm / np.maximum(weight_norm, _TINY), math.nan)
+            if c.max_grad_weight_ratio is not None and finite[0] and grad_weight[0] > c.max_grad_weight_ratio:
+                code[0] |= Code.GRAD_WEIGHT
+        if update_ratio is None:
+            report[Row.UPDATE_RATIO] = math.nan
+        else:
+            report[Row.UPDATE_RATIO] = _host(update_ratio)
+            if c.max_update_ratio is not None:
+                code |= (present & (report[Row.UPDATE_RATIO] > c.max_update_ratio)) * Code.UPDATE_RATIO
 
         # --- growth of the fast level over the window (ring of past fast levels)
         w = c.growth_window
         self.ring[self.steps % w] = self.fast
         self.steps += 1
-        lag = min(self.steps - 1, w - 1)
-        base = self.ring[self.steps % w] if self.steps >= w else self.ring[0]
-        if lag >= c.growth_min_steps:
-            grew = ok & (self.fast - base > math.log10(c.growth_factor))
-            if worsening is not None:
-                grew = grew & worsening.to(self.device)
-            flags.append((Code.GROWTH, grew))
+        base = report[Row.GROWTH_BASE]
+        base[:] = self.ring[self.steps % w] if self.steps >= w else self.ring[0]
+        if min(self.steps - 1, w - 1) >= c.growth_min_steps and (worsening is None or bool(worsening)):
+            code |= (ok & (self.fast - base > self._log_growth)) * Code.GROWTH
 
         # --- vanishing: dead, far below the median layer, or far below its own peak
-        known = present & (self.count > 0)
-        layer_fast = torch.where(known[1:], self.fast[1:], math.nan)
-        median = torch.nanmedian(layer_fast) if self.num_series > 1 else torch.tensor(math.nan, device=self.device)
-        median_row = torch.full_like(self.fast, math.nan)
-        median_row[1:] = median
+        median = math.nan
+        if self.num_series > 1:
+            layers = self.fast[1:]
+            if not known[1:].all():
+                layers = layers[known[1:]]
+            median = _lower_median(layers)
         dead = present & finite & (norm <= c.vanish_floor)
-        rel = known & (median_row - self.fast > math.log10(c.vanish_factor))
-        drop = known & warm_now & (self.peak - self.fast > math.log10(c.vanish_drop))
+        rel = known & (median - self.fast > self._log_vanish)
+        rel[0] = False  # the global norm has no median to compare with
+        drop = known & (self.peak - self.fast > self._log_drop)
+        if not self._all_warm:
+            drop &= self.count >= c.warmup_steps
         cond = dead | rel | drop
-        self.streak = torch.where(cond, self.streak + 1, 0.0)
+        self.streak = np.where(cond, self.streak + 1, 0.0)
+        report[Row.STREAK] = self.streak
         vanish = self.streak >= c.vanish_patience
-        if converged is not None:
-            vanish = vanish & ~converged.to(self.device)
-        flags += [(Code.VANISH, vanish), (Code.DEAD, vanish & dead), (Code.REL, vanish & rel), (Code.DROP, vanish & drop)]
-        key = tuple(b for b, _ in flags)
-        bits = self._bits.get(key)
-        if bits is None:  # a handful of combinations: copied to the device once each
-            bits = self._bits[key] = torch.tensor(key, dtype=torch.float32).to(self.device)
-        code = bits @ torch.stack([m for _, m in flags]).float()  # distinct bits: the sum is the bitwise or
+        if (converged is None or not bool(converged)) and vanish.any():
+            code |= vanish * Code.VANISH + (vanish & dead) * Code.DEAD + (vanish & rel) * Code.REL
+            code |= (vanish & drop) * Code.DROP
+        report[Row.VANISH_REF] = np.where(rel, median, self.peak)
+        report[Row.CODE] = code
+        return report
 
-        vanish_ref = torch.where(rel, median_row, self.peak)
-        ratio_row = update_ratio.to(self.device, torch.float32) if update_ratio is not None else torch.full_like(norm, math.nan)
-        return torch.stack(
-            [
-                code,
-                norm,
-                level,
-                scale,
-                torch.pow(10.0, spike_log),
-                self.fast,
-                base,
-                vanish_ref,
-                self.streak,
-                ratio_row,
-                grad_weight,
-            ]
-        )
-
-    def clip_threshold(self, report: Tensor) -> Tensor:
-        """The global norm this step is clipped to (device scalar): the spike threshold, or ``max_norm``."""
-        threshold = report[Row.SPIKE_AT, 0]
+    def clip_threshold(self, report: np.ndarray) -> float:
+        """The global norm this step is clipped to: the spike threshold, or ``max_norm`` (inf: no clipping)."""
+        threshold = float(report[Row.SPIKE_AT, 0])
         if self.config.max_norm is not None:
-            threshold = torch.clamp(threshold, max=self.config.max_norm)
-        # before the first observation there is no threshold: inf means "no clipping"
-        return torch.nan_to_num(threshold, nan=math.inf)
+            threshold = min(threshold, self.config.max_norm)
+        # before the first observation there is no threshold
+        return math.inf if math.isnan(threshold) else threshold
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Plain, small state (CPU tensors and numbers), safe for ``torch.load(weights_only=True)``."""
-        state = {name: getattr(self, name).detach().cpu().clone() for name in _STATE}  # sync: checkpoint time only
+        state = {name: torch.from_numpy(getattr(self, name).copy()) for name in _STATE}
         state["steps"] = self.steps
         state["num_series"] = self.num_series
         return state
@@ -296,9 +337,10 @@ class TrendDetector:
         for name in _STATE:
             value = state.get(name)
             current = getattr(self, name)
-            if isinstance(value, Tensor) and value.shape == current.shape:
-                setattr(self, name, value.to(device=current.device, dtype=current.dtype).clone())
+            if isinstance(value, Tensor) and tuple(value.shape) == current.shape:
+                setattr(self, name, value.detach().cpu().double().numpy().copy())
         self.steps = int(state.get("steps", self.steps))
+        self._all_warm = bool(self.count.min() >= max(self.config.warmup_steps, 1))
 
 
 def config_fields() -> tuple[str, ...]:
@@ -307,7 +349,7 @@ def config_fields() -> tuple[str, ...]:
 
 
 class LossTrend:
-    """The loss's running level on the device: the gates of growth and vanishing.
+    """The loss's running level (host floats): the gates of growth and vanishing.
 
     * ``converged()``: the running level fell below ``converged_ratio`` of its
       initial level (the mean of the first ``warmup`` finite losses): small
@@ -321,18 +363,22 @@ class LossTrend:
       (its gradients are reported as non-finite; one skipped NaN step must not
       turn healthy growth into an alarm).
 
+    Both are ``None`` before the first loss. The guard feeds it the losses of
+    the previous step, which ride along with the gradient statistics in the
+    step's one device-to-host copy.
+
     >>> trend = LossTrend(warmup=2, window=3, converged_ratio=0.01)
     >>> for loss in [2.0, 2.0, 1.0, 0.5]:
-    ...     trend.observe(torch.tensor(loss))
-    >>> bool(trend.worsening()), bool(trend.converged())
+    ...     trend.observe(loss)
+    >>> trend.worsening(), trend.converged()
     (False, False)
     >>> for loss in [3.0] * 5:
-    ...     trend.observe(torch.tensor(loss))
-    >>> bool(trend.worsening())
+    ...     trend.observe(loss)
+    >>> trend.worsening()
     True
     >>> for loss in [1e-4] * 80:
-    ...     trend.observe(torch.tensor(loss))
-    >>> bool(trend.converged())
+    ...     trend.observe(loss)
+    >>> trend.converged()
     True
     """
 
@@ -340,51 +386,45 @@ class LossTrend:
         self, warmup: int, window: int, converged_ratio: float, rate: float = 0.1, noise: float = 0.01
     ) -> None:
         self.warmup, self.window, self.converged_ratio, self.rate, self.noise = warmup, window, converged_ratio, rate, noise
-        self.seen = 0  # host counter: ring indexing needs no sync
-        self.first: Tensor | None = None
-        self.fast: Tensor | None = None
-        self.ring: Tensor | None = None
+        self.seen = 0
+        self.first: float | None = None
+        self.fast: float | None = None
+        self.ring: list[float] | None = None
 
-    def observe(self, loss: Tensor) -> None:
-        loss = loss.detach().float().reshape(())
-        finite = torch.isfinite(loss)
+    def observe(self, loss: float) -> None:
+        loss = float(loss)
+        finite = math.isfinite(loss)
         if self.first is None:
-            self.first = torch.where(finite, loss, math.nan)
-            self.fast = self.first.clone()
-            self.ring = torch.full((self.window,), math.nan, device=loss.device)
-        if self.seen < self.warmup:
-            mean = torch.where(torch.isnan(self.first), loss, self.first + (loss - self.first) / (self.seen + 1))
-            self.first = torch.where(finite, mean, self.first)
-        blended = torch.where(torch.isnan(self.fast), loss, self.fast + self.rate * (loss - self.fast))
-        self.fast = torch.where(finite, blended, self.fast)
+            self.first = loss if finite else math.nan
+            self.fast = self.first
+            self.ring = [math.nan] * self.window
+        if finite:
+            if self.seen < self.warmup:
+                self.first = loss if math.isnan(self.first) else self.first + (loss - self.first) / (self.seen + 1)
+            self.fast = loss if math.isnan(self.fast) else self.fast + self.rate * (loss - self.fast)
         self.ring[self.seen % self.window] = self.fast
         self.seen += 1
 
-    def converged(self) -> Tensor | None:
+    def converged(self) -> bool | None:
         if self.first is None:
             return None
-        return (self.first > 0) & (self.fast < self.converged_ratio * self.first)
+        return self.first > 0 and self.fast < self.converged_ratio * self.first
 
-    def worsening(self) -> Tensor | None:
+    def worsening(self) -> bool | None:
         if self.ring is None:
             return None
         oldest = self.ring[self.seen % self.window] if self.seen >= self.window else self.ring[0]
-        return self.fast > oldest + self.noise * self.first.abs()
+        return self.fast > oldest + self.noise * abs(self.first)
 
     def state_dict(self) -> dict:
         if self.first is None:
             return {"seen": self.seen}
-        # sync: checkpoint time only
-        levels, ring = torch.stack([self.first, self.fast]).cpu(), self.ring.cpu()  # sync: checkpoint time only
-        return {"seen": self.seen, "levels": levels, "ring": ring}
+        return {"seen": self.seen, "levels": torch.tensor([self.first, self.fast], dtype=torch.float64),
+                "ring": torch.tensor(self.ring, dtype=torch.float64)}
 
-    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.seen = int(state.get("seen", 0))
         levels, ring = state.get("levels"), state.get("ring")
         if isinstance(levels, Tensor) and levels.numel() == 2 and isinstance(ring, Tensor) and ring.numel() == self.window:
-            self.first, self.fast = levels[0].to(device).clone(), levels[1].to(device).clone()
-            self.ring = ring.to(device).clone()
-
-    def to(self, device: torch.device) -> None:
-        if self.first is not None:
-            self.first, self.fast, self.ring = self.first.to(device), self.fast.to(device), self.ring.to(device)
+            self.first, self.fast = (float(v) for v in levels.double().tolist())
+            self.ring = [float(v) for v in ring.double().tolist()]

@@ -32,14 +32,17 @@ The same code runs in a bare training loop::
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["GradStats", "LayerPlan", "grad_stats", "layer_name"]
+__all__ = ["GradStats", "LayerPlan", "LayerSums", "grad_stats", "layer_name", "layer_sums"]
 
 _ROOT = "(root)"
 # name components added by wrappers (torch.compile, DDP, FSDP, activation checkpointing), not layers
@@ -109,6 +112,13 @@ class LayerPlan:
         return cls(tuple(params), tuple(names), tuple(layers), tuple(layer_ids))
 
     @property
+    def all_positions(self) -> list[int]:
+        cached = self._index_cache.get("all_positions")
+        if cached is None:
+            cached = self._index_cache["all_positions"] = list(range(len(self.params)))
+        return cached
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 
@@ -119,6 +129,23 @@ class LayerPlan:
         if cached is None:
             cached = self._index_cache["uniform"] = len({(p.device, p.dtype) for p in self.params}) <= 1
         return cached
+
+    def present_mask(self, positions: Sequence[int]) -> np.ndarray:
+        """Host bool per layer: does any parameter in ``positions`` belong to it? Cached."""
+        key = ("present_mask", len(positions) if len(positions) == len(self.params) else tuple(positions))
+        cached = self._index_cache.get(key)
+        if cached is None:
+            cached = self._index_cache[key] = np.zeros(self.num_layers, dtype=bool)
+            cached[[self.layer_of_param[i] for i in positions]] = True
+        return cached
+
+    def stacking(self, positions: Sequence[int]) -> _Stacking | None:
+        """How to read the tensors at ``positions`` on a CPU in few operations (see :class:`_Stacking`);
+        ``None`` when it would not pay. Cached like :meth:`index`."""
+        key = ("stacking", len(positions) if len(positions) == len(self.params) else tuple(positions))
+        if key not in self._index_cache:
+            self._index_cache[key] = _Stacking.plan([self.params[i] for i in positions])
+        return self._index_cache[key]
 
     def present(self, positions: Sequence[int], device: torch.device) -> Tensor:
         """Bool per layer: does any parameter in ``positions`` belong to it? Cached like :meth:`index`."""
@@ -146,9 +173,78 @@ class LayerPlan:
             ids = self.layer_of_param if positions is None else [self.layer_of_param[i] for i in positions]
             cached = torch.tensor(ids, dtype=torch.long, device=device)
             if len(self._index_cache) > 64:  # parameters with/without grads rarely vary; bound it anyway
-                self._index_cache = {k: v for k, v in self._index_cache.items() if k == "uniform"}
+                self._index_cache = {k: v for k, v in self._index_cache.items() if k in ("uniform", "all_positions")}
             self._index_cache[key] = cached
         return cached
+
+
+# CPU reading of many small tensors: see _Stacking
+_STACK_MAX_NUMEL = 1 << 14  # tensors up to this size are stacked with others of their shape...
+_STACK_MIN_GROUP = 8  # ...when at least this many share the shape...
+_STACK_CHUNK = 1 << 18  # ...into blocks of at most this many elements (1 MiB in float32): the bound on scratch memory
+
+
+@dataclass(frozen=True)
+class _Stacking:
+    """Reads many small same-shaped tensors with a few large operations instead of one each.
+
+    On a CPU ``torch._foreach_norm`` is a loop over tensors in C++ that pays the
+    dispatcher's ~1 us per tensor, which for a model of 2,000 small tensors is
+    ten times the cost of reading the bytes. Tensors that share a shape are
+    instead copied, a block of at most ``_STACK_CHUNK`` elements at a time, into
+    one ``torch.stack`` and measured with one ``vector_norm(dim=1)`` per block:
+    the scratch block is bounded (it does not grow with the model) and stays
+    in cache. Everything else goes through ``_foreach_norm`` as usual. On CUDA
+    ``_foreach_norm`` is already one fused kernel per few hundred tensors; this
+    is not used there.
+    """
+
+    blocks: tuple[Callable, ...]  # itemgetter of each stacked block's tensors (indices into the tensor list)
+    rest: Callable | None  # itemgetter of the tensors measured by _foreach_norm
+    order: Tensor  # where tensor i's norm lands in cat(blocks..., rest)
+
+    @classmethod
+    def plan(cls, params: Sequence[Tensor]) -> _Stacking | None:
+        if not params or len({(p.device, p.dtype) for p in params}) > 1 or params[0].device.type != "cpu":
+            return None
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            if p.numel() <= _STACK_MAX_NUMEL:
+                by_shape.setdefault((tuple(p.shape), p.dtype), []).append(i)
+        blocks = []
+        for (shape, _), members in by_shape.items():
+            if len(members) >= _STACK_MIN_GROUP:
+                per_block = max(1, _STACK_CHUNK // max(1, math.prod(shape)))
+                blocks += [tuple(members[k : k + per_block]) for k in range(0, len(members), per_block)]
+        if not blocks:
+            return None
+        stacked = {i for block in blocks for i in block}
+        rest = [i for i in range(len(params)) if i not in stacked]
+        flat = [i for block in blocks for i in block] + rest
+        order = torch.empty(len(flat), dtype=torch.long)
+        order[flat] = torch.arange(len(flat))
+        return cls(tuple(_getter(b) for b in blocks), _getter(rest) if rest else None, order)
+
+    def norms(self, tensors: Sequence[Tensor], ord: float) -> Tensor:
+        """Float32 norm of each of ``tensors`` (the list this plan was made for), in their order."""
+        parts = []
+        for block in self.blocks:
+            members = block(tensors)
+            stacked = torch.stack(members)  # a bounded scratch block, not a model-sized copy
+            parts.append(torch.linalg.vector_norm(stacked.view(len(members), -1), ord, dim=1, dtype=torch.float32))
+        if self.rest is not None:
+            parts.append(torch.stack(torch._foreach_norm(self.rest(tensors), ord, dtype=torch.float32)))
+        return torch.cat(parts)[self.order]
+
+
+def _getter(indices: Sequence[int]) -> Callable:
+    """``f(seq) -> list`` of ``seq[i]`` for ``indices``, in C (``operator.itemgetter``)."""
+    get = operator.itemgetter(*indices)
+    return (lambda seq: [get(seq)]) if len(indices) == 1 else (lambda seq: list(get(seq)))
+
+
+_GRAD = operator.attrgetter("grad")
+_IS_NONE = functools.partial(operator.is_, None)
 
 
 @dataclass
@@ -166,7 +262,9 @@ class GradStats:
     update_ratio: Tensor | None = None  # lr * grad norm / weight norm
 
 
-def _tensor_norms(tensors: list[Tensor], ord: float, device: torch.device, uniform: bool = False) -> Tensor:
+def _tensor_norms(
+    tensors: list[Tensor], ord: float, device: torch.device, uniform: bool = False, stacking: _Stacking | None = None
+) -> Tensor:
     """Float32 norm of each tensor, one foreach kernel per (device, dtype), stacked on ``device``.
 
     ``uniform``: the caller knows all tensors share one device and dtype (a
@@ -174,7 +272,13 @@ def _tensor_norms(tensors: list[Tensor], ord: float, device: torch.device, unifo
     a single foreach call with no per-tensor grouping work in Python.
     Sparse tensors are coalesced first (duplicate indices add up) and measured
     by their values; they are rare (embeddings with ``sparse=True``).
+    ``stacking``: a CPU reading plan for exactly these tensors (see :class:`_Stacking`).
     """
+    if stacking is not None:
+        try:
+            return stacking.norms(tensors, ord)
+        except RuntimeError:  # a sparse gradient in a block (Embedding(sparse=True)) cannot be stacked
+            pass
     if uniform and not any(t.is_sparse for t in tensors):
         return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32)).to(device)
     groups: dict[tuple, list[int]] = {}
@@ -195,6 +299,80 @@ def _tensor_norms(tensors: list[Tensor], ord: float, device: torch.device, unifo
         for i, n in zip(positions, norms):
             ordered[i] = n.to(device)
     return torch.stack(ordered)  # type: ignore[arg-type]
+
+
+@dataclass
+class LayerSums:
+    """One step's per-layer sums, float32 device vectors ``[num_layers]``: what :class:`GradStats`
+    is derived from, and what the guard copies to the host (its one sync) to derive it there."""
+
+    grad_sq: Tensor  # sum of squared gradient norms (NaN/Inf where a gradient holds NaN/Inf)
+    present: Tensor | np.ndarray  # the layer had a gradient: a host mask, or (sharded) a device count across ranks
+    positions: list[int] = field(default_factory=list)  # plan positions of the parameters that had a gradient
+    max_abs: Tensor | None = None  # max |g|
+    weight_sq: Tensor | None = None  # sum of squared weight norms
+    update_sq: Tensor | None = None  # sum of squared (lr * gradient norm)
+
+
+def layer_sums(
+    plan: LayerPlan,
+    *,
+    max_abs: bool = False,
+    param_norms: bool = False,
+    lrs: Tensor | Sequence[float] | None = None,
+    grad_scale: Tensor | None = None,
+    all_reduce: Callable[[Tensor, str], Tensor] | None = None,
+) -> LayerSums | None:
+    """The device half of :func:`grad_stats` (same arguments): a handful of operations, no sync."""
+    # C-level loops (map/attrgetter): this runs over every parameter every step
+    grads, positions, placeholder = list(map(_GRAD, plan.params)), plan.all_positions, False
+    if any(map(_IS_NONE, grads)):  # frozen in this step, unused branch: measure those that have one
+        positions = [i for i, g in enumerate(grads) if g is not None]
+        grads = [g for g in grads if g is not None]
+    if not grads:
+        if all_reduce is None:
+            return None
+        # a rank holding no gradient shard must still join the collectives
+        device = plan.params[0].device if plan.params else torch.device("cpu")
+        grads, positions, placeholder = [torch.zeros(0, device=device)], [0], True
+    device = grads[0].device
+    index = plan.index(None if len(positions) == len(plan.params) else positions, device)
+    uniform = plan.uniform  # one device, one dtype: a gradient always has its parameter's
+    stacking = plan.stacking(positions) if device.type == "cpu" and not placeholder else None
+
+    tensor_norm = _tensor_norms(grads, 2.0, device, uniform, stacking)
+    if grad_scale is not None:
+        tensor_norm = tensor_norm / grad_scale.to(device=device, dtype=torch.float32)
+    zeros = torch.zeros(plan.num_layers, dtype=torch.float32, device=device)
+    # a NaN/Inf anywhere in a tensor makes its norm, and so its layer's sum of squares, NaN/Inf
+    sums = [zeros.index_add(0, index, tensor_norm.square())]
+    if all_reduce is not None:  # which layers hold gradients differs between ranks: count them
+        sums.append(zeros.index_add(0, index, torch.full_like(tensor_norm, 0.0 if placeholder else 1.0)))
+    if param_norms:
+        weights = plan.params if len(positions) == len(plan.params) else [plan.params[i] for i in positions]
+        with torch.no_grad():  # read in place: no per-tensor detach(), no autograd graph
+            w_norm = _tensor_norms(list(weights), 2.0, device, uniform, stacking)
+        sums.append(zeros.index_add(0, index, w_norm.square()))
+        if lrs is not None:
+            lr = lrs if isinstance(lrs, Tensor) else torch.tensor(list(lrs), dtype=torch.float32, device=device)
+            if len(positions) != len(plan.params):
+                lr = lr[plan.positions(positions, device)]
+            sums.append(zeros.index_add(0, index, (lr.to(device, torch.float32) * tensor_norm).square()))
+    if all_reduce is not None:
+        sums = list(all_reduce(torch.stack(sums), "sum").unbind())
+    out = LayerSums(sums.pop(0), sums.pop(0) if all_reduce is not None else plan.present_mask(positions), positions)
+    if param_norms:
+        out.weight_sq = sums.pop(0)
+        out.update_sq = sums.pop(0) if lrs is not None else None
+    if max_abs:
+        tensor_max = _tensor_norms(grads, math.inf, device, uniform, stacking)
+        if grad_scale is not None:
+            tensor_max = tensor_max / grad_scale.to(device=device, dtype=torch.float32)
+        # scatter_reduce's amax propagates NaN, so a NaN layer reports NaN
+        out.max_abs = zeros.scatter_reduce(0, index, tensor_max, "amax", include_self=True)
+        if all_reduce is not None:
+            out.max_abs = all_reduce(out.max_abs, "max")
+    return out
 
 
 def grad_stats(
@@ -221,58 +399,17 @@ def grad_stats(
             sums across ranks (one collective for the sums, one more for max
             ``|g|``), so every rank computes the same statistics.
     """
-    grads, positions, placeholder = [], [], False
-    for i, p in enumerate(plan.params):
-        if p.grad is not None:
-            grads.append(p.grad)
-            positions.append(i)
-    if not grads:
-        if all_reduce is None:
-            return None
-        # a rank holding no gradient shard must still join the collectives
-        device = plan.params[0].device if plan.params else torch.device("cpu")
-        grads, positions, placeholder = [torch.zeros(0, device=device)], [0], True
-    device = grads[0].device
-    n_layers = plan.num_layers
-    index = plan.index(None if len(positions) == len(plan.params) else positions, device)
-
-    uniform = plan.uniform  # one device, one dtype: a gradient always has its parameter's
-    tensor_norm = _tensor_norms(grads, 2.0, device, uniform)
-    if grad_scale is not None:
-        tensor_norm = tensor_norm / grad_scale.to(device=device, dtype=torch.float32)
-    zeros = torch.zeros(n_layers, dtype=torch.float32, device=device)
-    # a NaN/Inf anywhere in a tensor makes its norm, and so its layer's sum of squares, NaN/Inf
-    sums = [zeros.index_add(0, index, tensor_norm.square())]
-    if all_reduce is not None:  # which layers hold gradients differs between ranks: count them
-        sums.append(zeros.index_add(0, index, torch.full_like(tensor_norm, 0.0 if placeholder else 1.0)))
-    if param_norms:
-        weights = [plan.params[i].detach() for i in positions]
-        w_norm = _tensor_norms(weights, 2.0, device, uniform)
-        sums.append(zeros.index_add(0, index, w_norm.square()))
-    if lrs is not None and param_norms:
-        lr = lrs if isinstance(lrs, Tensor) else torch.tensor(list(lrs), dtype=torch.float32, device=device)
-        if len(positions) != len(plan.params):
-            lr = lr[plan.positions(positions, device)]
-        sums.append(zeros.index_add(0, index, (lr.to(device, torch.float32) * tensor_norm).square()))
-    if all_reduce is not None:
-        sums = list(all_reduce(torch.stack(sums), "sum").unbind())
-        present = sums.pop(1) > 0
-    else:
-        present = plan.present(positions, device)
-    layer_sq = sums[0]
-    norm = layer_sq.sqrt()
-    stats = GradStats(plan.layers, norm, layer_sq.sum().sqrt(), ~torch.isfinite(layer_sq), present)
-
-    if max_abs:
-        tensor_max = _tensor_norms(grads, math.inf, device, uniform)
-        if grad_scale is not None:
-            tensor_max = tensor_max / grad_scale.to(device=device, dtype=torch.float32)
-        # scatter_reduce's amax propagates NaN, so a NaN layer reports NaN
-        stats.max_abs = zeros.scatter_reduce(0, index, tensor_max, "amax", include_self=True)
-        if all_reduce is not None:
-            stats.max_abs = all_reduce(stats.max_abs, "max")
-    if param_norms:
-        stats.param_norm = sums[1].sqrt()
-        if lrs is not None:
-            stats.update_ratio = sums[2].sqrt() / stats.param_norm.clamp_min(torch.finfo(torch.float32).tiny)
+    sums = layer_sums(plan, max_abs=max_abs, param_norms=param_norms, lrs=lrs, grad_scale=grad_scale,
+                      all_reduce=all_reduce)
+    if sums is None:
+        return None
+    device = sums.grad_sq.device
+    present = sums.present > 0 if isinstance(sums.present, Tensor) else plan.present(sums.positions, device)
+    norm = sums.grad_sq.sqrt()
+    stats = GradStats(plan.layers, norm, sums.grad_sq.sum().sqrt(), ~torch.isfinite(sums.grad_sq), present,
+                      max_abs=sums.max_abs)
+    if sums.weight_sq is not None:
+        stats.param_norm = sums.weight_sq.sqrt()
+        if sums.update_sq is not None:
+            stats.update_ratio = sums.update_sq.sqrt() / stats.param_norm.clamp_min(torch.finfo(torch.float32).tiny)
     return stats

@@ -3,6 +3,7 @@
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,7 @@ def test_internal_error_is_reported_once_and_training_goes_on(monkeypatch, caplo
     def broken(*args, **kwargs):
         raise RuntimeError("statistics exploded")
 
-    monkeypatch.setattr(cb, "grad_stats", broken)
+    monkeypatch.setattr(cb, "layer_sums", broken)
     guard = GradGuard()
     model = DigitsMLP()
     with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
@@ -101,8 +102,9 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):
     assert a.lr_scale.value == b.lr_scale.value == 0.25
     assert a.counts == b.counts
     for name in ("level", "scale", "fast", "peak", "streak", "count", "ring"):
-        assert torch.allclose(getattr(a.detector, name), getattr(b.detector, name), equal_nan=True, rtol=1e-5), name
-    assert torch.allclose(straight._loss.fast, resumed._loss.fast)
+        assert np.allclose(getattr(a.detector, name), getattr(b.detector, name), equal_nan=True, rtol=1e-5), name
+    assert straight._loss.fast == pytest.approx(resumed._loss.fast, rel=1e-6)
+    assert straight._loss.seen == resumed._loss.seen
 
 
 values = st.one_of(
@@ -135,12 +137,12 @@ def test_statistics_and_detectors_never_raise_and_stay_finite(grads, dtype, step
         nonfinite = torch.cat([stats.nonfinite.any().reshape(1), stats.nonfinite])
         rep = det.update(norm, present, nonfinite, converged=trend.converged(), worsening=trend.worsening(),
                          weight_norm=torch.cat([stats.param_norm.square().sum().sqrt().reshape(1), stats.param_norm]))
-        trend.observe(stats.total)
+        trend.observe(stats.total.item())
         assert rep.shape[1] == plan.num_layers + 1
-        assert not torch.isnan(rep[Row.CODE]).any()
+        assert not np.isnan(rep[Row.CODE]).any()
         # running statistics never become NaN/Inf, whatever came in
-        assert torch.isfinite(det.level).all() and torch.isfinite(det.scale).all()
-        assert torch.isfinite(det.count).all() and torch.isfinite(det.streak).all()
-        assert not torch.isinf(det.fast).any() and not torch.isinf(det.peak[torch.isfinite(det.peak)]).any()
+        assert np.isfinite(det.level).all() and np.isfinite(det.scale).all()
+        assert np.isfinite(det.count).all() and np.isfinite(det.streak).all()
+        assert not np.isinf(det.fast).any() and not np.isinf(det.peak[np.isfinite(det.peak)]).any()
         if trend.fast is not None:
-            assert not torch.isinf(trend.fast)
+            assert not math.isinf(trend.fast)
