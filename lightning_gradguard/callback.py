@@ -38,7 +38,7 @@ from lightning_gradguard.config import check_choice, check_number, check_respons
 from lightning_gradguard.detectors import REPORT_ROWS, Code, DetectorConfig, LossTrend, Row, TrendDetector
 from lightning_gradguard.events import KINDS, GradEvent, GradientHealthError, Response
 from lightning_gradguard.sinks import GuardSink
-from lightning_gradguard.stats import LayerPlan, LayerSums, layer_sums
+from lightning_gradguard.stats import LayerPlan, LayerSums, layer_series, layer_sums, read_tensors
 
 __all__ = ["GradGuard"]
 
@@ -70,7 +70,9 @@ class _Watch:
     anchor_until: np.ndarray | None = None
     last_lr_change: int = -(10**9)
     healthy_since: int = 0
-    group_index: Tensor | None = None  # param group of each plan parameter (for update ratios)
+    group_index: Tensor | None = None  # param group of each plan parameter (for update ratios, sharded)
+    host_group_index: np.ndarray | None = None  # the same, on the host
+    keys: dict = field(default_factory=dict)  # logged key of each metric name (see GradGuard._key)
     device: torch.device = torch.device("cpu")  # where the gradients live
     host_cache: dict = field(default_factory=dict)  # constant host vectors of the usual step (see _host_series)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
@@ -428,15 +430,20 @@ class GradGuard(Callback):
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             return
         # kept on the device (no sync here); read with the next step's statistics
-        self._pending_losses.append(loss.detach().reshape(1))
-        if len(self._pending_losses) > 64:  # many batches without an optimizer step: bound the list
-            self._pending_losses = [torch.cat([x.float() for x in self._pending_losses])]
+        loss = loss.detach()
+        if loss.dim():
+            loss = loss.reshape(())
+        if loss.dtype != torch.float32:
+            loss = loss.float()
+        self._pending_losses.append(loss)
+        if len(self._pending_losses) > 1024:  # batches without any optimizer step (a loop that never steps)
+            del self._pending_losses[:512]
 
     def _flush_losses(self, values: Any = None) -> None:
         """Feed the pending losses to the loss trend: ``values`` read with the step's sync, or
         (``None``, at checkpoint time only) read here."""
         if values is None:
-            values = [v for x in self._pending_losses for v in x.float().cpu().tolist()]  # sync: checkpoint time only
+            values = torch.stack(self._pending_losses).cpu().tolist() if self._pending_losses else []  # sync: checkpoint time only
         self._pending_losses = []
         for v in values:
             self._loss.observe(v)
@@ -469,29 +476,9 @@ class GradGuard(Callback):
             self.config.max_grad_weight_ratio is not None and watch.counts["steps"] < self.config.warmup_steps
         )
 
-        sums = layer_sums(
-            watch.plan,
-            max_abs=detail_step,
-            param_norms=param_step,
-            lrs=self._lrs(watch, optimizer) if param_step else None,
-            grad_scale=self._unscaled_factor(optimizer),
-            all_reduce=self._reduce,
-        )
-        if sums is None:
+        series = self._read(watch, optimizer, detail_step, param_step)
+        if series is None:
             return
-        rows = [sums.grad_sq] + [
-            r for r in (sums.present, sums.max_abs, sums.weight_sq, sums.update_sq) if isinstance(r, Tensor)
-        ]
-        n_losses = sum(x.numel() for x in self._pending_losses)
-        if n_losses:
-            device = sums.grad_sq.device
-            rows += [x.to(device, torch.float32) for x in self._pending_losses]
-        # THE host sync of this step: one device->host copy of a few floats per layer (and the
-        # losses since the last step). Detection, events, actions and logging all run on this copy.
-        flat = torch.cat(rows).cpu().numpy()  # sync: the only one per step
-        if n_losses:
-            self._flush_losses(flat[len(flat) - n_losses :].tolist())  # numpy: no sync
-        series = _host_series(sums, flat, watch.host_cache)
         report = watch.detector.update(
             series["norm"], series["present"], series["nonfinite"],
             converged=self._loss.converged(),
@@ -516,6 +503,58 @@ class GradGuard(Callback):
         for event in events:
             if "raise" in event.actions:
                 raise GradientHealthError(event.message, tuple(events))
+
+    def _read(self, watch: _Watch, optimizer: torch.optim.Optimizer, detail_step: bool, param_step: bool) -> dict | None:
+        """Measure the step's gradients and copy them to the host: THE host sync of this step.
+
+        The device does the gradient read and packs it, with the losses since the last step
+        (and the loss scale, tensor LRs) into one vector: one device->host copy. Per-layer
+        sums, ratios, detection, events, actions and logging all run on that host copy."""
+        losses, self._pending_losses = self._pending_losses, []
+        scale = self._unscaled_factor(optimizer)
+        if self._reduce is not None:  # sharded gradients: per-layer partial sums, all-reduced on the device
+            sums = layer_sums(watch.plan, max_abs=detail_step, param_norms=param_step,
+                              lrs=self._lrs(watch, optimizer) if param_step else None, grad_scale=scale,
+                              all_reduce=self._reduce)
+            if sums is None:
+                self._pending_losses = losses
+                return None
+            rows = [sums.grad_sq] + [
+                r for r in (sums.present, sums.max_abs, sums.weight_sq, sums.update_sq) if isinstance(r, Tensor)
+            ]
+            if losses:
+                rows.append(torch.stack([x.to(sums.grad_sq.device) for x in losses]))
+            flat = torch.cat(rows).cpu().numpy()  # sync: the only one per step
+            self._flush_losses(flat[len(flat) - len(losses) :].tolist() if losses else [])  # numpy: no sync
+            return _host_series(sums, flat, watch.host_cache)
+
+        lr_tensors = [g["lr"] for g in optimizer.param_groups if isinstance(g["lr"], Tensor)] if param_step else []
+        extra = [x.to(watch.device) for x in losses]
+        if scale is not None:
+            extra.append(scale.to(watch.device, torch.float32).reshape(()))
+        extra += [lr.to(watch.device, torch.float32).reshape(()) for lr in lr_tensors]
+        read = read_tensors(watch.plan, max_abs=detail_step, param_norms=param_step, extra=extra)
+        if read is None:
+            self._pending_losses = losses
+            return None
+        host = read.packed.cpu().numpy()  # sync: the only one per step
+        tail = host[len(host) - len(extra) :].tolist() if extra else []  # numpy: no sync
+        self._flush_losses(tail[: len(losses)])
+        grad_scale = tail[len(losses)] if scale is not None else None
+        lrs = self._host_lrs(watch, optimizer, tail[len(tail) - len(lr_tensors) :]) if param_step else None
+        series = layer_series(watch.plan, read, host, lrs=lrs, grad_scale=grad_scale)
+        del series["extra"]
+        return series
+
+    def _host_lrs(self, watch: _Watch, optimizer: torch.optim.Optimizer, tensor_lrs: list[float]) -> np.ndarray:
+        """Each plan parameter's effective LR (host floats; tensor LRs read with the step's copy)."""
+        if watch.host_group_index is None:
+            group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+            watch.host_group_index = np.asarray([group_of.get(id(p), 0) for p in watch.plan.params], dtype=np.int64)
+        values = iter(tensor_lrs)
+        per_group = np.asarray([next(values) if isinstance(g["lr"], Tensor) else float(g["lr"])
+                                for g in optimizer.param_groups], dtype=np.float64)
+        return per_group[watch.host_group_index] * (watch.lr_scale.value if watch.lr_scale else 1.0)
 
     # ------------------------------------------------------------------ per-optimizer state
     def _watch(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> _Watch:
@@ -589,10 +628,10 @@ class GradGuard(Callback):
         return new
 
     def _findings(self, watch: _Watch, host: np.ndarray, step: int) -> list[GradEvent]:
-        code = host[Row.CODE].astype(np.int64)
-        if not code.any():
+        if not watch.detector.flags:  # the usual step: nothing flagged anywhere (a host int, no numpy)
             watch.overflow_streak = 0
             return []
+        code = host[Row.CODE].astype(np.int64)
         c = self.config
         events: list[GradEvent] = []
         norm = host[Row.NORM]
@@ -719,11 +758,13 @@ class GradGuard(Callback):
     # ------------------------------------------------------------------ events -> actions
     def _respond(self, trainer, pl_module, optimizer, watch: _Watch, host, events: list[GradEvent], step: int) -> float:
         """Apply the configured responses; fill each event's ``actions``; return the clip coefficient applied."""
-        code = host[Row.CODE].astype(np.int64)
-        exploding_now = bool((code & Code.EXPLODING).any())
-        bad_now = exploding_now or (bool((code & Code.NONFINITE).any()) and self._scaler is None)
+        flags = watch.detector.flags  # every series' code bits or-ed together
+        exploding_now = bool(flags & Code.EXPLODING)
+        bad_now = exploding_now or (bool(flags & Code.NONFINITE) and self._scaler is None)
         bad_before, watch.bad_streak = watch.bad_streak, (watch.bad_streak + 1 if bad_now else 0)
-        anchored = self._update_anchor(watch, code, host, step)
+        anchored = False
+        if watch.anchor is not None or flags & Code.GROWTH:
+            anchored = self._update_anchor(watch, host[Row.CODE].astype(np.int64), host, step)
         clip_coef = 1.0
         clipping = "clip" in self.on_exploding and (exploding_now or anchored)
         if not events and not clipping:
@@ -903,19 +944,29 @@ class GradGuard(Callback):
 
     # ------------------------------------------------------------------ logging
     def _key(self, watch: _Watch, name: str) -> str:
-        opt = f"opt{watch.index}/" if len(self._watches) > 1 or watch.index else ""
-        return f"{self.prefix}{opt}{name}"
+        """The logged key of ``name`` (``grad/norm_total``, ``grad/opt1/norm_total``); cached per watch."""
+        keys = watch.keys
+        if keys.get(None) != len(self._watches):  # a second optimizer appeared: every key changes
+            keys.clear()
+            keys[None] = len(self._watches)
+        key = keys.get(name)
+        if key is None:
+            opt = f"opt{watch.index}/" if len(self._watches) > 1 or watch.index else ""
+            key = keys[name] = f"{self.prefix}{opt}{name}"
+        return key
 
     def _log(self, trainer, watch: _Watch, host, detail_step, param_step, clip_coef, log_step) -> dict[str, float]:
         k = lambda name: self._key(watch, name)  # noqa: E731
-        norm = host[Row.NORM]
-        metrics: dict[str, float] = {k("norm_total"): float(norm[0])}
-        metrics[k("nonfinite_layers")] = float(((host[Row.CODE, 1:].astype(np.int64) & Code.NONFINITE) > 0).sum())
+        norm = host[Row.NORM].tolist()  # numpy, on the host already: no sync
+        nonfinite = 0.0
+        if watch.detector.flags & Code.NONFINITE:
+            nonfinite = float(((host[Row.CODE, 1:].astype(np.int64) & Code.NONFINITE) > 0).sum())
+        metrics: dict[str, float] = {k("norm_total"): norm[0], k("nonfinite_layers"): nonfinite}
         for kind, n in self._event_counts.items():
             metrics[k(f"events/{kind}")] = float(n)
         if "clip" in self.on_exploding:
             metrics[k("clip_coef")] = clip_coef
-            metrics[k("norm_clipped")] = float(norm[0]) * clip_coef
+            metrics[k("norm_clipped")] = norm[0] * clip_coef
             metrics[k("clipped_steps")] = float(watch.counts["clipped"])
         if "skip" in self.on_nonfinite + self.on_exploding:
             metrics[k("skipped_steps")] = float(watch.counts["skipped"])
@@ -928,21 +979,21 @@ class GradGuard(Callback):
             metrics[k("amp_overflows")] = float(watch.counts["amp_overflows"])
         layers = self._logged_layers(host)
         for i in layers:
-            metrics[k(f"norm/{watch.series_name(i)}")] = float(norm[i])
+            metrics[k(f"norm/{watch.series_name(i)}")] = norm[i]
         extra = REPORT_ROWS
         if detail_step:
-            max_abs = host[extra]
+            max_abs = host[extra].tolist()
             extra += 1
-            metrics[k("max_abs_total")] = float(max_abs[0])
+            metrics[k("max_abs_total")] = max_abs[0]
             for i in layers:
-                metrics[k(f"max_abs/{watch.series_name(i)}")] = float(max_abs[i])
+                metrics[k(f"max_abs/{watch.series_name(i)}")] = max_abs[i]
         if param_step:
-            param_norm = host[extra]
+            param_norm, ratio = host[extra].tolist(), host[Row.UPDATE_RATIO].tolist()
             for i in layers:
                 name = watch.series_name(i)
-                metrics[k(f"param_norm/{name}")] = float(param_norm[i])
-                if np.isfinite(host[Row.UPDATE_RATIO, i]):
-                    metrics[k(f"update_ratio/{name}")] = float(host[Row.UPDATE_RATIO, i])
+                metrics[k(f"param_norm/{name}")] = param_norm[i]
+                if math.isfinite(ratio[i]):
+                    metrics[k(f"update_ratio/{name}")] = ratio[i]
         for logger in trainer.loggers:
             if id(logger) in self._failed_loggers:
                 continue
@@ -952,7 +1003,7 @@ class GradGuard(Callback):
                 self._failed_loggers.add(id(logger))
                 log.warning("GradGuard: logging to %s failed (%r); the guard stops logging there, training goes on",
                             type(logger).__name__, err)
-        trainer.callback_metrics[k("norm_total")] = torch.tensor(float(norm[0]))
+        trainer.callback_metrics[k("norm_total")] = torch.tensor(norm[0])
         return metrics
 
     def _logged_layers(self, host: np.ndarray) -> list[int]:

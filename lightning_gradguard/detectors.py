@@ -41,7 +41,9 @@ and turns it into events (see :mod:`lightning_gradguard.callback`).
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -88,7 +90,7 @@ class Row:
 REPORT_ROWS = 11
 
 _TINY = 1e-30
-_LOG_TINY = -30.0
+_SCALAR_MAX_SERIES = 64  # up to this many series (the global norm + layers) the detector runs in Python floats
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,14 @@ class TrendDetector:
     2
     """
 
-    def __init__(self, config: DetectorConfig, num_series: int) -> None:
+    def __init__(self, config: DetectorConfig, num_series: int, *, vectorized: bool | None = None) -> None:
         self.config = config
         self.num_series = num_series
+        # few series: plain Python floats in one loop; many: numpy over the series (same results).
+        # Right after the backward pass caches are cold, and each distinct numpy function costs
+        # microseconds to warm up, while one Python loop warms up once.
+        self.vectorized = num_series > _SCALAR_MAX_SERIES if vectorized is None else vectorized
+        self.flags = 0  # the last report's code bits of every series or-ed together (0: nothing flagged)
         self.steps = 0  # updates so far
         c, s = config, num_series
         self.count = np.zeros(s)
@@ -197,8 +204,101 @@ class TrendDetector:
         ``None`` (unknown); ``update_ratio`` and ``weight_norm`` are per
         series, NaN where unknown.
         """
+        if not self.vectorized:
+            return self._update_scalar(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
         with np.errstate(all="ignore"):  # NaN/Inf are data here (a NaN norm is a finding, not an error)
             return self._update(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
+
+    def _update_scalar(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm) -> np.ndarray:
+        """:meth:`_update`, series by series in Python floats (the same rules, line for line)."""
+        c, n_series, isfinite = self.config, self.num_series, math.isfinite
+        norm, present, nonfinite = _host(norm).tolist(), _host(present, bool).tolist(), _host(nonfinite, bool).tolist()
+        count, level, scale, fast = self.count.tolist(), self.level.tolist(), self.scale.tolist(), self.fast.tolist()
+        maxseen, peak, streak = self.maxseen.tolist(), self.peak.tolist(), self.streak.tolist()
+        level_before, scale_before = list(level), list(scale)
+        code, spike_at, finite, ok = [0] * n_series, [0.0] * n_series, [False] * n_series, [False] * n_series
+        warmup = c.warmup_steps
+        for i in range(n_series):
+            x_norm = norm[i]
+            fin = finite[i] = isfinite(x_norm) and not nonfinite[i]
+            good = ok[i] = present[i] and fin and x_norm > 0
+            x = math.log10(max(x_norm, _TINY)) if fin else 0.0
+            cnt, lv, sc = count[i], level[i], scale[i]
+            warm = cnt >= warmup
+            # --- spike: z-score on the slow level after warm-up, ratio to the max seen before
+            s_log = lv + max(c.spike_zscore * sc, self._log_spike_min) if warm else maxseen[i] + self._log_warmup_spike
+            spike_at[i] = 10.0**s_log if s_log < 308.0 else math.inf
+            if good and cnt >= 1 and x > s_log:
+                code[i] = Code.SPIKE
+            if present[i] and not fin:
+                code[i] |= Code.NONFINITE
+            if not good:
+                continue
+            # --- running statistics, with finite, positive observations only
+            dev = x - lv
+            if warm:
+                bound = c.clamp_sigmas * sc
+                rate, step, scale_rate = c.level_alpha, min(max(dev, -bound), bound), c.scale_beta
+            else:  # warm-up: mean with the prior
+                rate, step, scale_rate = 1.0 / (cnt + 1.0), dev, 1.0 / (cnt + 2.0)
+            if cnt == 0:
+                level[i] = fast[i] = x
+            else:
+                level[i] = lv + rate * step
+                scale[i] = max(sc + scale_rate * (abs(step) - sc), c.min_scale)
+                # the fast level ignores the excess of a spike, so one spike is not mistaken for growth
+                fast[i] += c.fast_alpha * ((min(x, s_log) if warm else x) - fast[i])
+            maxseen[i] = max(maxseen[i], x)
+            count[i] = cnt + 1.0
+            if cnt + 1.0 >= warmup:
+                peak[i] = max(peak[i], fast[i])
+
+        if c.max_norm is not None and finite[0] and norm[0] > c.max_norm:
+            code[0] |= Code.CEILING
+        grad_weight = [math.nan] * n_series
+        if weight_norm is not None:
+            for i, w in enumerate(_host(weight_norm).tolist()):
+                if w > 0:
+                    grad_weight[i] = norm[i] / max(w, _TINY)
+            if c.max_grad_weight_ratio is not None and finite[0] and grad_weight[0] > c.max_grad_weight_ratio:
+                code[0] |= Code.GRAD_WEIGHT
+        ratio_row = [math.nan] * n_series if update_ratio is None else _host(update_ratio).tolist()
+        if update_ratio is not None and c.max_update_ratio is not None:
+            for i in range(n_series):
+                if present[i] and ratio_row[i] > c.max_update_ratio:
+                    code[i] |= Code.UPDATE_RATIO
+
+        # --- growth of the fast level over the window (ring of past fast levels)
+        w = c.growth_window
+        self.ring[self.steps % w] = fast
+        self.steps += 1
+        base = (self.ring[self.steps % w] if self.steps >= w else self.ring[0]).tolist()
+        if min(self.steps - 1, w - 1) >= c.growth_min_steps and (worsening is None or bool(worsening)):
+            for i in range(n_series):
+                if ok[i] and fast[i] - base[i] > self._log_growth:
+                    code[i] |= Code.GROWTH
+
+        # --- vanishing: dead, far below the median layer, or far below its own peak
+        known = [present[i] and count[i] > 0 for i in range(n_series)]
+        layers = sorted(fast[i] for i in range(1, n_series) if known[i])
+        median = layers[(len(layers) - 1) // 2] if layers else math.nan  # the lower median, as torch's
+        vanish_ref = list(peak)
+        flag_vanish = converged is None or not bool(converged)
+        for i in range(n_series):
+            dead = present[i] and finite[i] and norm[i] <= c.vanish_floor
+            rel = i > 0 and known[i] and median - fast[i] > self._log_vanish
+            drop = known[i] and count[i] >= warmup and peak[i] - fast[i] > self._log_drop
+            if rel:
+                vanish_ref[i] = median
+            streak[i] = streak[i] + 1.0 if dead or rel or drop else 0.0
+            if flag_vanish and streak[i] >= c.vanish_patience:
+                code[i] |= Code.VANISH | (Code.DEAD if dead else 0) | (Code.REL if rel else 0) | (Code.DROP if drop else 0)
+
+        self.count, self.level, self.scale, self.fast = np.array(count), np.array(level), np.array(scale), np.array(fast)
+        self.maxseen, self.peak, self.streak = np.array(maxseen), np.array(peak), np.array(streak)
+        self.flags = functools.reduce(operator.or_, code, 0)
+        return np.array([code, norm, level_before, scale_before, spike_at, fast, base, vanish_ref, streak, ratio_row,
+                         grad_weight], dtype=np.float64)
 
     def _update(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm) -> np.ndarray:
         # Host numpy on [S] vectors: the cost is ~1 us per call, whatever S, so the steady state
@@ -312,6 +412,7 @@ class TrendDetector:
             code |= (vanish & drop) * Code.DROP
         report[Row.VANISH_REF] = np.where(rel, median, self.peak)
         report[Row.CODE] = code
+        self.flags = int(np.bitwise_or.reduce(code))
         return report
 
     def clip_threshold(self, report: np.ndarray) -> float:

@@ -37,12 +37,16 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["GradStats", "LayerPlan", "LayerSums", "grad_stats", "layer_name", "layer_sums"]
+__all__ = [
+    "GradStats", "LayerPlan", "LayerSums", "PackedRead", "grad_stats", "layer_name", "layer_series", "layer_sums",
+    "read_tensors",
+]
 
 _ROOT = "(root)"
 # name components added by wrappers (torch.compile, DDP, FSDP, activation checkpointing), not layers
@@ -111,12 +115,27 @@ class LayerPlan:
             layer_ids.append(layers.setdefault(layer, len(layers)))
         return cls(tuple(params), tuple(names), tuple(layers), tuple(layer_ids))
 
+    def _memo(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """Per-plan cache of index vectors and masks, keyed by which parameters have gradients
+        (usually all of them: the key is then just their count). Bounded: which parameters have
+        gradients rarely varies, but nothing here may grow without limit."""
+        try:
+            return self._index_cache[key]
+        except KeyError:
+            pass
+        if len(self._index_cache) > 256:
+            self._index_cache.clear()
+        value = self._index_cache[key] = make()
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False  # shared between steps
+        return value
+
+    def _key(self, positions: Sequence[int]) -> int | tuple[int, ...]:
+        return len(positions) if len(positions) == len(self.params) else tuple(positions)
+
     @property
     def all_positions(self) -> list[int]:
-        cached = self._index_cache.get("all_positions")
-        if cached is None:
-            cached = self._index_cache["all_positions"] = list(range(len(self.params)))
-        return cached
+        return self._memo(("all_positions",), lambda: list(range(len(self.params))))
 
     @property
     def num_layers(self) -> int:
@@ -125,62 +144,65 @@ class LayerPlan:
     @property
     def uniform(self) -> bool:
         """All parameters on one device with one dtype (so are their gradients)."""
-        cached = self._index_cache.get("uniform")
-        if cached is None:
-            cached = self._index_cache["uniform"] = len({(p.device, p.dtype) for p in self.params}) <= 1
-        return cached
+        return self._memo(("uniform",), lambda: len({(p.device, p.dtype) for p in self.params}) <= 1)
 
     def present_mask(self, positions: Sequence[int]) -> np.ndarray:
-        """Host bool per layer: does any parameter in ``positions`` belong to it? Cached."""
-        key = ("present_mask", len(positions) if len(positions) == len(self.params) else tuple(positions))
-        cached = self._index_cache.get(key)
-        if cached is None:
-            cached = self._index_cache[key] = np.zeros(self.num_layers, dtype=bool)
-            cached[[self.layer_of_param[i] for i in positions]] = True
-        return cached
+        """Host bool per layer: does any parameter in ``positions`` belong to it? Cached, read-only."""
+
+        def make() -> np.ndarray:
+            mask = np.zeros(self.num_layers, dtype=bool)
+            mask[[self.layer_of_param[i] for i in positions]] = True
+            return mask
+
+        return self._memo(("present_mask", self._key(positions)), make)
+
+    def host_present(self, positions: Sequence[int]) -> np.ndarray:
+        """``[True] + present_mask(positions)``: the series form (index 0 global). Cached, read-only."""
+        return self._memo(("host_present", self._key(positions)),
+                          lambda: np.concatenate([[True], self.present_mask(positions)]))
+
+    @property
+    def host_all_finite(self) -> np.ndarray:
+        """All-False ``nonfinite`` series, shared (read-only) by every finite step."""
+        return self._memo(("host_all_finite",), lambda: np.zeros(self.num_layers + 1, dtype=bool))
+
+    def host_index_list(self, positions: Sequence[int]) -> list[int]:
+        """``1 + layer`` of each parameter in ``positions`` (its series index), a list. Cached."""
+        return self._memo(("host_index_list", self._key(positions)), lambda: [self.layer_of_param[i] + 1 for i in positions])
+
+    def host_index(self, positions: Sequence[int]) -> np.ndarray:
+        """Layer of each parameter in ``positions``, a host int array. Cached, read-only."""
+        return self._memo(("host_index", self._key(positions)),
+                          lambda: np.asarray([self.layer_of_param[i] for i in positions], dtype=np.int64))
 
     def stacking(self, positions: Sequence[int]) -> _Stacking | None:
         """How to read the tensors at ``positions`` on a CPU in few operations (see :class:`_Stacking`);
-        ``None`` when it would not pay. Cached like :meth:`index`."""
-        key = ("stacking", len(positions) if len(positions) == len(self.params) else tuple(positions))
-        if key not in self._index_cache:
-            self._index_cache[key] = _Stacking.plan([self.params[i] for i in positions])
-        return self._index_cache[key]
+        ``None`` when it would not pay. Cached."""
+        return self._memo(("stacking", self._key(positions)), lambda: _Stacking.plan([self.params[i] for i in positions]))
 
     def present(self, positions: Sequence[int], device: torch.device) -> Tensor:
-        """Bool per layer: does any parameter in ``positions`` belong to it? Cached like :meth:`index`."""
-        key = ("present", len(positions) if len(positions) == len(self.params) else tuple(positions), device)
-        cached = self._index_cache.get(key)
-        if cached is None:
-            mask = torch.zeros(self.num_layers, dtype=torch.bool)
-            mask[[self.layer_of_param[i] for i in positions]] = True
-            cached = self._index_cache[key] = mask.to(device)
-        return cached
+        """Bool per layer on ``device``: does any parameter in ``positions`` belong to it? Cached."""
+        return self._memo(("present", self._key(positions), device),
+                          lambda: torch.from_numpy(self.present_mask(positions).copy()).to(device))
 
     def positions(self, positions: Sequence[int], device: torch.device) -> Tensor:
-        """``positions`` as a device index tensor, cached like :meth:`index`."""
-        key = ("positions", tuple(positions), device)
-        cached = self._index_cache.get(key)
-        if cached is None:
-            cached = self._index_cache[key] = torch.tensor(list(positions), dtype=torch.long, device=device)
-        return cached
+        """``positions`` as a device index tensor. Cached."""
+        return self._memo(("positions", tuple(positions), device),
+                          lambda: torch.tensor(list(positions), dtype=torch.long, device=device))
 
     def index(self, positions: Sequence[int] | None, device: torch.device) -> Tensor:
-        """Layer index of each parameter in ``positions`` (``None``: all), cached on ``device``."""
-        key = (None if positions is None else tuple(positions), device)
-        cached = self._index_cache.get(key)
-        if cached is None:
-            ids = self.layer_of_param if positions is None else [self.layer_of_param[i] for i in positions]
-            cached = torch.tensor(ids, dtype=torch.long, device=device)
-            if len(self._index_cache) > 64:  # parameters with/without grads rarely vary; bound it anyway
-                self._index_cache = {k: v for k, v in self._index_cache.items() if k in ("uniform", "all_positions")}
-            self._index_cache[key] = cached
-        return cached
+        """Layer index of each parameter in ``positions`` (``None``: all), on ``device``. Cached."""
+        key = ("index", len(self.params) if positions is None else self._key(positions), device)
+        return self._memo(key, lambda: torch.tensor(
+            self.layer_of_param if positions is None else [self.layer_of_param[i] for i in positions],
+            dtype=torch.long, device=device))
 
 
 # CPU reading of many small tensors: see _Stacking
 _STACK_MAX_NUMEL = 1 << 14  # tensors up to this size are stacked with others of their shape...
 _STACK_MIN_GROUP = 8  # ...when at least this many share the shape...
+_STACK_MIN_TOTAL = 64  # ...and at least this many are stacked in all (fewer: the extra operations do not pay)...
+_PYTHON_MAX_TENSORS = 256  # host sums over this few tensors run in Python floats (no numpy cold start)
 _STACK_CHUNK = 1 << 18  # ...into blocks of at most this many elements (1 MiB in float32): the bound on scratch memory
 
 
@@ -216,7 +238,7 @@ class _Stacking:
             if len(members) >= _STACK_MIN_GROUP:
                 per_block = max(1, _STACK_CHUNK // max(1, math.prod(shape)))
                 blocks += [tuple(members[k : k + per_block]) for k in range(0, len(members), per_block)]
-        if not blocks:
+        if sum(len(b) for b in blocks) < _STACK_MIN_TOTAL:
             return None
         stacked = {i for block in blocks for i in block}
         rest = [i for i in range(len(params)) if i not in stacked]
@@ -314,6 +336,124 @@ class LayerSums:
     update_sq: Tensor | None = None  # sum of squared (lr * gradient norm)
 
 
+def _present_grads(plan: LayerPlan) -> tuple[list[Tensor], list[int]]:
+    """The gradients the plan's parameters hold, and their positions in the plan."""
+    # C-level loops (map/attrgetter): this runs over every parameter every step
+    grads, positions = list(map(_GRAD, plan.params)), plan.all_positions
+    if any(map(_IS_NONE, grads)):  # frozen in this step, unused branch: measure those that have one
+        positions = [i for i, g in enumerate(grads) if g is not None]
+        grads = [g for g in grads if g is not None]
+    return grads, positions
+
+
+@dataclass
+class PackedRead:
+    """One step's per-tensor norms packed in one float32 device vector (see :func:`read_tensors`)."""
+
+    packed: Tensor
+    positions: list[int]  # plan positions of the tensors read
+    names: tuple[str, ...]  # what the packed vector holds, in order: "grad", "max_abs", "weight", then "extra"
+
+    def unpack(self, host: np.ndarray) -> dict[str, np.ndarray]:
+        """Split the host copy of :attr:`packed` (float64 arrays in plan order; ``"extra"`` as given)."""
+        n = len(self.positions)
+        host = host.astype(np.float64)
+        out = {name: host[k * n : (k + 1) * n] for k, name in enumerate(self.names)}
+        out["extra"] = host[len(self.names) * n :]
+        return out
+
+
+def read_tensors(
+    plan: LayerPlan, *, max_abs: bool = False, param_norms: bool = False, extra: Sequence[Tensor] = ()
+) -> PackedRead | None:
+    """Read the step's gradients (and optionally weights) into one device vector for one host copy.
+
+    The per-step path of :class:`~lightning_gradguard.GradGuard`: per-tensor L2 norms of
+    the gradients (and max ``|g|`` and weight norms when asked), plus the scalars in
+    ``extra`` (0-d float32 tensors on the gradients' device: the last losses, a loss
+    scale), in as few device operations as possible: the norm pass and one ``stack``.
+    Right after the backward pass every distinct operation runs on cold caches (a
+    few to tens of microseconds each on a CPU; a kernel launch each on a GPU), so
+    everything else (sums per layer, ratios, detection) is done on the host copy,
+    see :func:`layer_series`. ``None`` when no parameter has a gradient.
+    """
+    grads, positions = _present_grads(plan)
+    if not grads:
+        return None
+    device = grads[0].device
+    reads = [("grad", grads, 2.0)]
+    if max_abs:
+        reads.append(("max_abs", grads, math.inf))
+    if param_norms:
+        weights = plan.params if len(positions) == len(plan.params) else [plan.params[i] for i in positions]
+        reads.append(("weight", list(weights), 2.0))
+    names = tuple(name for name, _, _ in reads)
+    stacking = plan.stacking(positions) if device.type == "cpu" else None
+    with torch.no_grad():  # read in place: no per-tensor detach(), no autograd graph
+        if stacking is None and plan.uniform:
+            try:  # the usual case: one foreach pass per read, one stack for everything
+                scalars = [n for _, tensors, ord in reads for n in torch._foreach_norm(tensors, ord, dtype=torch.float32)]
+                return PackedRead(torch.stack(scalars + list(extra)), positions, names)
+            except (NotImplementedError, RuntimeError):  # a sparse gradient (Embedding(sparse=True))
+                pass
+        vectors = [_tensor_norms(tensors, ord, device, plan.uniform, stacking) for _, tensors, ord in reads]
+        if extra:
+            vectors.append(torch.stack([e.to(device, torch.float32) for e in extra]))
+        return PackedRead(torch.cat(vectors), positions, names)
+
+
+def layer_series(
+    plan: LayerPlan, read: PackedRead, host: np.ndarray, lrs: Sequence[float] | None = None,
+    grad_scale: float | None = None,
+) -> dict:
+    """Host numpy: per-layer series from the host copy of a :class:`PackedRead`, float64, index 0 the
+    global value: ``norm``, ``present``, ``nonfinite``, and as read, ``max_abs``, ``weight`` and (with
+    ``lrs``, each plan parameter's learning rate) ``update_ratio``; ``extra`` as packed. ``grad_scale``:
+    the gradients still carry this AMP loss scale (divided out here)."""
+    parts = read.unpack(host)
+    if grad_scale is not None:
+        parts["grad"] = parts["grad"] / grad_scale
+        if "max_abs" in parts:
+            parts["max_abs"] = parts["max_abs"] / grad_scale
+    index = plan.host_index(read.positions)
+    n = plan.num_layers
+
+    def with_total(row: np.ndarray, total: float) -> np.ndarray:
+        out = np.empty(n + 1)
+        out[0], out[1:] = total, row
+        return out
+
+    grad = parts["grad"]
+    if len(grad) <= _PYTHON_MAX_TENSORS:  # Python floats: no numpy cold start for a few dozen values
+        sums = [0.0] * (n + 1)
+        for j, v in zip(plan.host_index_list(read.positions), grad.tolist()):
+            sums[j] += v * v
+        sums[0] = sum(sums)  # NaN/Inf propagate to the global sum
+        norm = np.sqrt(sums)
+    else:
+        norm = with_total(np.bincount(index, weights=grad * grad, minlength=n), 0.0)
+        norm[0] = norm[1:].sum()  # NaN/Inf propagate to the global sum
+        np.sqrt(norm, out=norm)
+    out = {"norm": norm, "present": plan.host_present(read.positions), "extra": parts["extra"]}
+    out["nonfinite"] = plan.host_all_finite if math.isfinite(norm[0]) else ~np.isfinite(norm)
+    if "max_abs" in parts:
+        layer_max = np.zeros(n)
+        np.maximum.at(layer_max, index, parts["max_abs"])  # NaN propagates
+        out["max_abs"] = with_total(layer_max, layer_max.max() if n else math.nan)
+    if "weight" in parts:
+        weight = parts["weight"]
+        out["weight"] = with_total(np.bincount(index, weights=weight * weight, minlength=n), 0.0)
+        out["weight"][0] = out["weight"][1:].sum()
+        np.sqrt(out["weight"], out=out["weight"])
+        if lrs is not None:
+            step = np.asarray(lrs, dtype=np.float64)[read.positions] * grad
+            with np.errstate(all="ignore"):  # inf / inf: NaN, a finding
+                update = np.sqrt(np.bincount(index, weights=step * step, minlength=n)) / np.maximum(
+                    out["weight"][1:], np.finfo(np.float32).tiny)
+            out["update_ratio"] = with_total(update, math.nan)
+    return out
+
+
 def layer_sums(
     plan: LayerPlan,
     *,
@@ -324,11 +464,8 @@ def layer_sums(
     all_reduce: Callable[[Tensor, str], Tensor] | None = None,
 ) -> LayerSums | None:
     """The device half of :func:`grad_stats` (same arguments): a handful of operations, no sync."""
-    # C-level loops (map/attrgetter): this runs over every parameter every step
-    grads, positions, placeholder = list(map(_GRAD, plan.params)), plan.all_positions, False
-    if any(map(_IS_NONE, grads)):  # frozen in this step, unused branch: measure those that have one
-        positions = [i for i, g in enumerate(grads) if g is not None]
-        grads = [g for g in grads if g is not None]
+    grads, positions = _present_grads(plan)
+    placeholder = False
     if not grads:
         if all_reduce is None:
             return None

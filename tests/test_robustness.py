@@ -21,7 +21,7 @@ def test_internal_error_is_reported_once_and_training_goes_on(monkeypatch, caplo
     def broken(*args, **kwargs):
         raise RuntimeError("statistics exploded")
 
-    monkeypatch.setattr(cb, "layer_sums", broken)
+    monkeypatch.setattr(cb, "read_tensors", broken)
     guard = GradGuard()
     model = DigitsMLP()
     with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):

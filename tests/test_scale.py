@@ -1,5 +1,6 @@
 """Thousands of parameter tensors and torch.compile'd modules."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -8,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import DigitsMLP, digits_loader, trainer
 from lightning_gradguard import GradGuard, LayerPlan, grad_stats
 from helpers import NormRecorder
-from test_hot_path import CountingGuard
+from test_hot_path import CountingGuard, MaxNumel
 from test_precision_loops import NormSink
 
 
@@ -45,8 +46,37 @@ def ops_for(n_heads: int, **kwargs) -> int:
 
 
 def test_device_work_does_not_grow_with_the_number_of_tensors():
-    # foreach kernels: the same handful of ops for 20 tensors and for 2,000
-    assert ops_for(10) == ops_for(1000)
+    # foreach kernels, and on a CPU stacked blocks of bounded size: 2,000 tensors and 8,000 tensors
+    # (of the same shapes) take the same handful of operations
+    assert ops_for(1000) == ops_for(4000) < 40
+    assert ops_for(10) < 20
+
+
+def test_thousands_of_small_tensors_cost_a_few_operations_and_bounded_scratch():
+    """On a CPU, 2,000 small tensors are read in a few stacked blocks (not a foreach loop paying
+    ~1 us per tensor): few operations, bounded scratch memory, the same numbers."""
+    from lightning_gradguard.stats import _STACK_CHUNK, layer_series, read_tensors
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(32, 32) for _ in range(1000)])
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    plan = LayerPlan.from_named_parameters(net.named_parameters())
+    assert plan.stacking(plan.all_positions) is not None
+    read_tensors(plan, max_abs=True, param_norms=True)  # plans are cached after the first step
+    ops, largest = OpCounter(), MaxNumel()
+    with ops, largest:
+        read = read_tensors(plan, max_abs=True, param_norms=True)
+    assert ops.ops < 60  # 5 blocks x 3 reads x 3 ops and a few more, for 2,000 tensors
+    assert largest.largest <= _STACK_CHUNK < sum(p.numel() for p in net.parameters())
+    series = layer_series(plan, read, read.packed.numpy())
+    expected = torch.stack([torch.stack([m.weight.grad.norm(), m.bias.grad.norm()]).norm() for m in net])
+    np.testing.assert_allclose(series["norm"][1:], expected.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(series["norm"][0], expected.norm().item(), rtol=1e-5)
+    expected_max = torch.stack([torch.maximum(m.weight.grad.abs().max(), m.bias.grad.abs().max()) for m in net])
+    np.testing.assert_allclose(series["max_abs"][1:], expected_max.numpy(), rtol=1e-6)
+    expected_w = torch.stack([torch.stack([m.weight.norm(), m.bias.norm()]).norm() for m in net]).detach()
+    np.testing.assert_allclose(series["weight"][1:], expected_w.numpy(), rtol=1e-5)
 
 
 def test_thousands_of_tensors_in_a_trainer_grouped_and_one_sync_per_step():
