@@ -143,6 +143,21 @@ def _lower_median(values: np.ndarray) -> float:
     return float(np.partition(values, k)[k])
 
 
+def _series_property(name: str) -> property:
+    """A per-series state vector, always read as a numpy array; held as a list of Python floats
+    when the detector runs in Python (no conversion per step), as an array otherwise."""
+
+    def get(self) -> np.ndarray:
+        value = self._series_state[name]
+        return np.array(value) if isinstance(value, list) else value
+
+    def set(self, value) -> None:
+        value = np.asarray(value, dtype=np.float64)
+        self._series_state[name] = value if self.vectorized else value.tolist()
+
+    return property(get, set, doc=f"``{name}`` of every series (numpy array).")
+
+
 class TrendDetector:
     """Running trend state over ``num_series`` norms; one per optimizer.
 
@@ -167,6 +182,7 @@ class TrendDetector:
         self.flags = 0  # the last report's code bits of every series or-ed together (0: nothing flagged)
         self.steps = 0  # updates so far
         c, s = config, num_series
+        self._series_state: dict[str, np.ndarray | list[float]] = {}  # see _series_property
         self.count = np.zeros(s)
         self.level = np.zeros(s)
         self.scale = np.full(s, c.initial_scale)
@@ -213,8 +229,9 @@ class TrendDetector:
         """:meth:`_update`, series by series in Python floats (the same rules, line for line)."""
         c, n_series, isfinite = self.config, self.num_series, math.isfinite
         norm, present, nonfinite = _host(norm).tolist(), _host(present, bool).tolist(), _host(nonfinite, bool).tolist()
-        count, level, scale, fast = self.count.tolist(), self.level.tolist(), self.scale.tolist(), self.fast.tolist()
-        maxseen, peak, streak = self.maxseen.tolist(), self.peak.tolist(), self.streak.tolist()
+        st = self._series_state  # Python lists in this mode, updated in place
+        count, level, scale, fast = st["count"], st["level"], st["scale"], st["fast"]
+        maxseen, peak, streak = st["maxseen"], st["peak"], st["streak"]
         level_before, scale_before = list(level), list(scale)
         code, spike_at, finite, ok = [0] * n_series, [0.0] * n_series, [False] * n_series, [False] * n_series
         warmup = c.warmup_steps
@@ -294,8 +311,6 @@ class TrendDetector:
             if flag_vanish and streak[i] >= c.vanish_patience:
                 code[i] |= Code.VANISH | (Code.DEAD if dead else 0) | (Code.REL if rel else 0) | (Code.DROP if drop else 0)
 
-        self.count, self.level, self.scale, self.fast = np.array(count), np.array(level), np.array(scale), np.array(fast)
-        self.maxseen, self.peak, self.streak = np.array(maxseen), np.array(peak), np.array(streak)
         self.flags = functools.reduce(operator.or_, code, 0)
         return np.array([code, norm, level_before, scale_before, spike_at, fast, base, vanish_ref, streak, ratio_row,
                          grad_weight], dtype=np.float64)
@@ -414,6 +429,14 @@ class TrendDetector:
         report[Row.CODE] = code
         self.flags = int(np.bitwise_or.reduce(code))
         return report
+
+    count = _series_property("count")  # finite, positive observations so far
+    level = _series_property("level")  # slow robust running level (log10)
+    scale = _series_property("scale")  # its robust deviation (log10)
+    fast = _series_property("fast")  # fast running level (log10)
+    maxseen = _series_property("maxseen")  # largest log10 norm seen
+    peak = _series_property("peak")  # highest fast level after warm-up
+    streak = _series_property("streak")  # consecutive steps the vanishing condition held
 
     def clip_threshold(self, report: np.ndarray) -> float:
         """The global norm this step is clipped to: the spike threshold, or ``max_norm`` (inf: no clipping)."""

@@ -76,3 +76,38 @@ def test_no_logger_means_no_logging_but_detection_runs(tmp_path):
     assert guard.events == []
     assert next(iter(guard._watches.values())).counts["steps"] == 5
     assert math.isfinite(next(iter(guard._watches.values())).detector.level[0].item())
+
+
+def test_metrics_are_written_with_lightnings_own_and_still_when_the_guard_raises(tmp_path):
+    """The guard hands its metrics to the loggers in on_train_batch_end, next to Lightning's own
+    write (a logger call is cheaper there); a step that raises is still logged (CI needs it)."""
+    from helpers import FaultyMLP
+    from lightning_gradguard import GradientHealthError
+
+    class Spy(CSVLogger):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.calls: list[tuple[int, bool]] = []  # (step, holds grad/ keys)
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.append((step, any(k.startswith("grad/") for k in metrics)))
+            super().log_metrics(metrics, step)
+
+    class LogsLoss(FaultyMLP):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    logger = Spy(tmp_path)
+    guard = GradGuard(on_nonfinite="raise", log_every_n_steps=1)
+    with pytest.raises(GradientHealthError):
+        trainer(max_steps=10, logger=logger, log_every_n_steps=1, callbacks=[guard]).fit(
+            LogsLoss({6: "inf"}), digits_loader())
+    # one guard write, then Lightning's, per step; the raising step 6 written before the loggers finalize
+    assert logger.calls[:4] == [(0, True), (0, False), (1, True), (1, False)]
+    assert (6, True) in logger.calls
+    (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
+    rows = {int(r["step"]): r for r in csv.DictReader(open(path)) if r.get("grad/norm_total")}
+    assert sorted(rows) == list(range(7))
+    assert math.isinf(float(rows[6]["grad/norm_total"])) or math.isnan(float(rows[6]["grad/norm_total"]))
