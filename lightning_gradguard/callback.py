@@ -532,7 +532,8 @@ class GradGuard(Callback):
             self._flush_losses(flat[len(flat) - len(losses) :].tolist() if losses else [])  # numpy: no sync
             return _host_series(sums, flat, watch.host_cache)
 
-        lr_tensors = [g["lr"] for g in optimizer.param_groups if isinstance(g["lr"], Tensor)] if param_step else []
+        # LRs held as device tensors (capturable optimizers) ride along in the copy; see _host_lrs
+        lr_tensors = [g["lr"] for g in optimizer.param_groups if _on_device(g["lr"])] if param_step else []
         extra = [x.to(watch.device) for x in losses]
         if scale is not None:
             extra.append(scale.to(watch.device, torch.float32).reshape(()))
@@ -556,7 +557,8 @@ class GradGuard(Callback):
             group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
             watch.host_group_index = np.asarray([group_of.get(id(p), 0) for p in watch.plan.params], dtype=np.int64)
         values = iter(tensor_lrs)
-        per_group = np.asarray([next(values) if isinstance(g["lr"], Tensor) else float(g["lr"])
+        # a float, or a CPU tensor (reading it is no device sync), or a device tensor read with the step's copy
+        per_group = np.asarray([next(values) if _on_device(g["lr"]) else float(g["lr"])
                                 for g in optimizer.param_groups], dtype=np.float64)
         return per_group[watch.host_group_index] * (watch.lr_scale.value if watch.lr_scale else 1.0)
 
@@ -1139,6 +1141,11 @@ def _host_series(sums: LayerSums, flat: np.ndarray, cache: dict) -> dict[str, np
                 update = np.sqrt(flat[k : k + n]) / np.maximum(out["weight"][1:], np.finfo(np.float32).tiny)
             out["update_ratio"] = with_total(update, math.nan)
     return out
+
+
+def _on_device(value: Any) -> bool:
+    """A tensor whose value lives on an accelerator (reading it on the host would sync)."""
+    return isinstance(value, Tensor) and value.device.type != "cpu"
 
 
 # reasons that mean the weights are already damaged (a rollback is due even on the first bad step)

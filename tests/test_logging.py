@@ -5,6 +5,7 @@ import glob
 import math
 
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from helpers import DigitsMLP, NormRecorder, digits_loader, trainer
@@ -111,3 +112,20 @@ def test_metrics_are_written_with_lightnings_own_and_still_when_the_guard_raises
     rows = {int(r["step"]): r for r in csv.DictReader(open(path)) if r.get("grad/norm_total")}
     assert sorted(rows) == list(range(7))
     assert math.isinf(float(rows[6]["grad/norm_total"])) or math.isnan(float(rows[6]["grad/norm_total"]))
+
+
+def test_update_ratio_with_a_tensor_learning_rate(tmp_path):
+    """An LR held as a tensor (as capturable optimizers and some schedulers keep it) is read without a
+    sync of its own: on the host if it lives there, else with the step's one copy."""
+
+    class TensorLR(DigitsMLP):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=torch.tensor(0.02), momentum=0.9)
+
+    guard = GradGuard(log_every_n_steps=1, log_layers="all", detail_every_n_steps=1)
+    t = trainer(max_steps=2, logger=CSVLogger(tmp_path), callbacks=[guard])
+    t.fit(TensorLR(), digits_loader())
+    (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
+    r = next(r for r in csv.DictReader(open(path)) if r.get("grad/update_ratio/net.0"))
+    expected = 0.02 * float(r["grad/norm/net.0"]) / float(r["grad/param_norm/net.0"])
+    assert float(r["grad/update_ratio/net.0"]) == pytest.approx(expected, rel=1e-4)
