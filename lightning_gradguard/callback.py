@@ -433,12 +433,14 @@ class GradGuard(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             return
-        # kept on the device (no sync here); read with the next step's statistics
+        # kept on the device (no sync here); read with the next step's statistics. Lightning hands
+        # callbacks a copy under automatic optimization; a manual training_step returns the user's
+        # own tensor, which may be changed in place (or reused by CUDA graphs) before then: copy it
         loss = loss.detach()
         if loss.dim():
             loss = loss.reshape(())
-        if loss.dtype != torch.float32:
-            loss = loss.float()
+        if loss.dtype != torch.float32 or not pl_module.automatic_optimization:
+            loss = loss.to(torch.float32, copy=True)
         self._pending_losses.append(loss)
         if len(self._pending_losses) > 1024:  # batches without any optimizer step (a loop that never steps)
             del self._pending_losses[:512]
@@ -515,6 +517,13 @@ class GradGuard(Callback):
         (and the loss scale, tensor LRs) into one vector: one device->host copy. Per-layer
         sums, ratios, detection, events, actions and logging all run on that host copy."""
         losses, self._pending_losses = self._pending_losses, []
+        try:
+            return self._read_and_copy(watch, optimizer, detail_step, param_step, losses)
+        except BaseException:
+            self._pending_losses = losses + self._pending_losses  # not read: the next step reads them
+            raise
+
+    def _read_and_copy(self, watch, optimizer, detail_step: bool, param_step: bool, losses: list[Tensor]) -> dict | None:
         scale = self._unscaled_factor(optimizer)
         if self._reduce is not None:  # sharded gradients: per-layer partial sums, all-reduced on the device
             sums = layer_sums(watch.plan, max_abs=detail_step, param_norms=param_step,
@@ -961,6 +970,14 @@ class GradGuard(Callback):
             key = keys[name] = f"{self.prefix}{opt}{name}"
         return key
 
+    def _layer_keys(self, watch: _Watch, kind: str) -> list[str | None]:
+        """``<prefix><opt>kind/<layer>`` for every series index (None for the global series 0); cached."""
+        keys = watch.keys.get(("layers", kind)) if watch.keys.get(None) == len(self._watches) else None
+        if keys is None:
+            keys = [None] + [self._key(watch, f"{kind}/{layer}") for layer in watch.plan.layers]
+            watch.keys[("layers", kind)] = keys
+        return keys
+
     def _log(self, trainer, watch: _Watch, host, detail_step, param_step, clip_coef, log_step) -> dict[str, float]:
         k = lambda name: self._key(watch, name)  # noqa: E731
         norm = host[Row.NORM].tolist()  # numpy, on the host already: no sync
@@ -978,31 +995,34 @@ class GradGuard(Callback):
             metrics[k("skipped_steps")] = float(watch.counts["skipped"])
         if watch.lr_scale is not None:
             metrics[k("lr_scale")] = watch.lr_scale.value
-            metrics[k("lr")] = float(trainer.optimizers[watch.index].param_groups[0]["lr"]) * watch.lr_scale.value
+            lr = trainer.optimizers[watch.index].param_groups[0]["lr"]
+            if not _on_device(lr):  # a device tensor LR would cost a sync to read here
+                metrics[k("lr")] = float(lr) * watch.lr_scale.value
         if watch.snapshots is not None:
             metrics[k("rollbacks")] = float(watch.counts["rollbacks"])
         if self._scaler is not None:
             metrics[k("amp_overflows")] = float(watch.counts["amp_overflows"])
         layers = self._logged_layers(host)
+        keys = self._layer_keys(watch, "norm")
         for i in layers:
-            metrics[k(f"norm/{watch.series_name(i)}")] = norm[i]
+            metrics[keys[i]] = norm[i]
         extra = REPORT_ROWS
         if detail_step:
-            max_abs = host[extra].tolist()
+            max_abs, keys = host[extra].tolist(), self._layer_keys(watch, "max_abs")
             extra += 1
             metrics[k("max_abs_total")] = max_abs[0]
             for i in layers:
-                metrics[k(f"max_abs/{watch.series_name(i)}")] = max_abs[i]
+                metrics[keys[i]] = max_abs[i]
         if param_step:
             param_norm, ratio = host[extra].tolist(), host[Row.UPDATE_RATIO].tolist()
+            keys, ratio_keys = self._layer_keys(watch, "param_norm"), self._layer_keys(watch, "update_ratio")
             for i in layers:
-                name = watch.series_name(i)
-                metrics[k(f"param_norm/{name}")] = param_norm[i]
+                metrics[keys[i]] = param_norm[i]
                 if math.isfinite(ratio[i]):
-                    metrics[k(f"update_ratio/{name}")] = ratio[i]
+                    metrics[ratio_keys[i]] = ratio[i]
         # written in on_train_batch_end, next to Lightning's own write of the step's metrics: a logger
         # call costs ~1 ms on the cold caches right after the backward pass, ~0.1 ms right after another
-        if self._unwritten and self._unwritten[-1][0] == log_step:
+        if self._unwritten and self._unwritten[-1][0] == log_step and not self._unwritten[-1][1].keys() & metrics.keys():
             self._unwritten[-1][1].update(metrics)  # several optimizers: one call per step
         else:
             self._unwritten.append((log_step, dict(metrics)))
@@ -1030,10 +1050,13 @@ class GradGuard(Callback):
         n = host.shape[1] - 1
         if self.log_layers == "all" or n <= 2 * self.top_k:
             return list(range(1, n + 1))
-        norm = host[Row.NORM].tolist()  # numpy, on the host already: no sync
-        # NaN layers count as the largest; ties keep model order
-        order = sorted(range(1, n + 1), key=lambda i: math.inf if math.isnan(norm[i]) else norm[i])
-        return sorted(set(order[: self.top_k] + order[-self.top_k :]))
+        if n <= _SMALL:
+            norm = host[Row.NORM].tolist()  # numpy, on the host already: no sync
+            # NaN layers count as the largest; ties keep model order
+            order = sorted(range(1, n + 1), key=lambda i: math.inf if math.isnan(norm[i]) else norm[i])
+            return sorted(set(order[: self.top_k] + order[-self.top_k :]))
+        order = np.argsort(np.nan_to_num(host[Row.NORM, 1:], nan=np.inf), kind="stable")
+        return (np.union1d(order[: self.top_k], order[-self.top_k :]) + 1).tolist()
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -1069,6 +1092,7 @@ class GradGuard(Callback):
         self.events = [GradEvent.from_dict(e) for e in state_dict.get("events", [])]
         self._event_counts = {**self._event_counts, **state_dict.get("event_counts", {})}
         self._pending_state = {int(i): w for i, w in state_dict.get("watches", {}).items()}
+        self._pending_losses, self._unwritten = [], []  # of another run
         self._watches = {}
         self._opt_index = {}
         loss = state_dict.get("loss")
@@ -1141,6 +1165,9 @@ def _host_series(sums: LayerSums, flat: np.ndarray, cache: dict) -> dict[str, np
                 update = np.sqrt(flat[k : k + n]) / np.maximum(out["weight"][1:], np.finfo(np.float32).tiny)
             out["update_ratio"] = with_total(update, math.nan)
     return out
+
+
+_SMALL = 64  # up to this many layers, host work on them is cheaper in Python floats than in numpy
 
 
 def _on_device(value: Any) -> bool:

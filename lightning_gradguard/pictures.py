@@ -133,12 +133,18 @@ class FlowHistory:
         if self.steps_seen % self.stride == 0:  # a new column starts
             self._first_step[col] = step
         self._last_step[col] = step
-        finite = np.isfinite(norms)
-        positive = finite & (norms > 0)
-        self._log_sum[positive, col] += np.log10(norms[positive])
-        self._finite[positive, col] += 1
-        self._nonfinite[~finite, col] += 1
-        self._zero[finite & (norms <= 0), col] += 1
+        with np.errstate(all="ignore"):  # NaN/Inf/0 are counted below, not logged
+            logs = np.log10(norms)
+        if np.isfinite(logs).all():  # the usual step: every norm finite and positive (a few numpy calls)
+            self._log_sum[:, col] += logs
+            self._finite[:, col] += 1
+        else:
+            finite = np.isfinite(norms)
+            positive = finite & (norms > 0)
+            self._log_sum[:, col] += np.where(positive, logs, 0.0)
+            self._finite[:, col] += positive
+            self._nonfinite[:, col] += ~finite
+            self._zero[:, col] += finite & (norms <= 0)
         self.steps_seen += 1
         self.latest = norms.copy()
         self.latest_step = int(step)

@@ -231,7 +231,7 @@ class _Stacking:
             return None
         by_shape: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
-            if p.numel() <= _STACK_MAX_NUMEL:
+            if 0 < p.numel() <= _STACK_MAX_NUMEL:
                 by_shape.setdefault((tuple(p.shape), p.dtype), []).append(i)
         blocks = []
         for (shape, _), members in by_shape.items():

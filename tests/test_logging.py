@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from lightning.pytorch.loggers import CSVLogger
 
 from helpers import DigitsMLP, NormRecorder, digits_loader, trainer
@@ -129,3 +130,44 @@ def test_update_ratio_with_a_tensor_learning_rate(tmp_path):
     r = next(r for r in csv.DictReader(open(path)) if r.get("grad/update_ratio/net.0"))
     expected = 0.02 * float(r["grad/norm/net.0"]) / float(r["grad/param_norm/net.0"])
     assert float(r["grad/update_ratio/net.0"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_one_optimizer_stepping_twice_per_batch_logs_both_steps(tmp_path):
+    """Manual optimization, a critic-style loop (two optimizer steps per batch, one logging step):
+    neither step's metrics overwrite the other's, and the losses the guard keeps are copies."""
+
+    class TwiceAndInPlace(DigitsMLP):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            x, y = batch
+            for _ in range(2):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(self(x), y)
+                self.manual_backward(loss)
+                opt.step()
+            self.last_loss = loss
+            return loss
+
+    class Spy(CSVLogger):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.grad_steps: list[int] = []
+
+        def log_metrics(self, metrics, step=None):
+            if "grad/norm_total" in metrics:
+                self.grad_steps.append(step)
+            super().log_metrics(metrics, step)
+
+    logger = Spy(tmp_path)
+    guard = GradGuard(log_every_n_steps=1)
+    model = TwiceAndInPlace()
+    trainer(max_steps=6, logger=logger, callbacks=[guard]).fit(model, digits_loader())
+    assert guard._watches[0].counts["steps"] == 6
+    assert len(logger.grad_steps) == 6  # 3 batches, 2 optimizer steps each, none lost
+    # the last batch's loss waits for a next step: a copy, not the user's own tensor (which may change in place)
+    (pending,) = guard._pending_losses
+    assert pending.data_ptr() != model.last_loss.data_ptr() and pending.item() == model.last_loss.item()
