@@ -14,6 +14,12 @@ time of each, relative to training with no monitor at all:
                    WandbLogger's run
 ``wandb_watch_100`` the same with ``log_freq=100``
 ``clip``           ``Trainer(gradient_clip_val=1.0)``
+``norm_pass``      one ``torch._foreach_norm`` over all gradients and one
+                   ``.cpu()`` of the result per step, nothing else: the cost
+                   of reading every gradient once, the floor of any monitor
+                   that looks at every gradient (on a CPU, ``_foreach_norm``
+                   pays ~1 us per tensor, so for many_tensors this is not a
+                   floor: GradGuard reads those in stacked blocks)
 =================  ==========================================================
 
 How it measures
@@ -32,6 +38,16 @@ How it measures
   ``on_train_batch_end`` (so a start->end window would miss the cost of
   writing the logged metrics to W&B/CSV). The start->end window is reported
   too ("in-step ms"). The first ``--warmup`` steps of each run are discarded.
+* Alternating blocks (``--alternate N``, default 5): the callback variants
+  (``gradguard``, ``gradguard_layers``, ``norm_pass``) also run once each
+  with the callback on in every other block of N steps and off in the others
+  (``--alternate-steps``, default 200 measured steps). On and off steps then
+  share one model, one process and the same minutes of the machine's life;
+  the ratio is the median over neighbouring (off, on) block pairs. On a
+  shared machine whose speed drifts by 10% between runs, this is the number
+  to trust for differences of a few percent; the separate runs are kept for
+  the variants that cannot be switched per step (``grad_norm`` lives in the
+  LightningModule, ``wandb.watch`` in parameter hooks, ``clip`` in the Trainer).
 * Data are synthetic (generated once per model, a small pool of batches
   cycled by the DataLoader); nothing is downloaded.
 * wandb runs offline (``WANDB_MODE=offline``) into a temporary folder that is
@@ -52,7 +68,8 @@ How it measures
 
 Usage
 -----
-    python benchmarks/overhead.py                      # full CPU run, ~10 min on 2 cores
+    python benchmarks/overhead.py                      # full CPU run, ~10 min on 2 cores (log every step)
+    python benchmarks/overhead.py --log-every-n-steps 50   # Lightning's default logging cadence
     python benchmarks/overhead.py --quick              # smoke test, < 1 min
     python benchmarks/overhead.py --device cuda        # gpt + resnet50, bf16-mixed
     python benchmarks/overhead.py --models mlp --variants none,gradguard --steps 100 --repeats 5
@@ -113,7 +130,8 @@ try:  # wandb is optional for --logger csv
 except Exception:  # pragma: no cover - depends on the environment
     wandb = None
 
-ALL_VARIANTS = ("none", "gradguard", "gradguard_layers", "grad_norm", "wandb_watch_1", "wandb_watch_100", "clip")
+ALL_VARIANTS = ("none", "gradguard", "gradguard_layers", "grad_norm", "wandb_watch_1", "wandb_watch_100", "clip",
+                "norm_pass")
 GUARD_VARIANTS = ("gradguard", "gradguard_layers")
 LEARNING_RATES = {"gpt": 3e-4}  # everything else: 1e-3 (AdamW)
 POOL_BATCHES = 8  # distinct synthetic batches per model, cycled by the DataLoader
@@ -217,6 +235,14 @@ class BenchModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
+class NormPass(Callback):
+    """The floor: read every gradient once (one foreach norm) and copy the norms to the host (one sync)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.norms = torch.stack(torch._foreach_norm(grads)).cpu()
+
+
 class GradNormRecipeModule(BenchModule):
     """The same module plus Lightning's documented gradient-norm logging recipe."""
 
@@ -303,6 +329,8 @@ def run_once(model_name: str, variant: str, pool: list, args, round_idx: int, *,
         extra_callbacks.append(WandbWatch(int(variant.rsplit("_", 1)[1])))
     elif variant == "clip":
         trainer_kwargs["gradient_clip_val"] = 1.0
+    elif variant == "norm_pass":
+        extra_callbacks.append(NormPass())
 
     save_dir = tempfile.mkdtemp(prefix=f"{model_name}-{variant}-", dir=_WANDB_TMP)
     logger = make_logger(args.logger, save_dir, f"{model_name}-{variant}-r{round_idx}")
@@ -351,6 +379,95 @@ def run_once(model_name: str, variant: str, pool: list, args, round_idx: int, *,
     if cuda:
         torch.cuda.empty_cache()
     return res
+
+
+# ---------------------------------------------------------------- alternating blocks within one run
+TOGGLED_HOOKS = frozenset({"on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+                           "on_before_zero_grad", "on_train_batch_end"})
+ALTERNATING_VARIANTS = ("gradguard", "gradguard_layers", "norm_pass")  # the callback-based ones
+
+
+class Alternating(Callback):
+    """Runs ``inner`` callbacks on alternate blocks of ``block`` steps only: per-step hooks are
+    forwarded in "on" blocks and skipped in "off" blocks; every other ``on_*`` hook, ``setup`` and
+    ``teardown`` are always forwarded (not ``state_dict``: these runs save no checkpoints). Steps of both kinds then share one run, one model, one
+    process and the same minutes of the machine's life."""
+
+    def __init__(self, inner: list[Callback], block: int) -> None:
+        self.inner, self.block = inner, block
+        self.step_flags: list[bool] = []  # per step (on?), from its on_train_batch_start
+
+    def __getattribute__(self, name: str):
+        if name.startswith("on_") or name in ("setup", "teardown"):
+            inner, flags = object.__getattribute__(self, "inner"), object.__getattribute__(self, "step_flags")
+            record = name == "on_train_batch_start"
+
+            def forward(*args, **kwargs):
+                if record:
+                    flags.append((len(flags) // object.__getattribute__(self, "block")) % 2 == 1)
+                if name in TOGGLED_HOOKS and not (flags and flags[-1]):
+                    return None
+                for cb in inner:
+                    getattr(cb, name)(*args, **kwargs)
+                return None
+
+            return forward
+        return object.__getattribute__(self, name)
+
+
+def alternating_callbacks(variant: str) -> list[Callback]:
+    if variant == "norm_pass":
+        return [NormPass()]
+    GradGuard, _ = _import_gradguard()
+    return [GradGuard() if variant == "gradguard" else GradGuard(log_every_n_steps=1, log_layers="all")]
+
+
+def run_alternating(model_name: str, variant: str, pool: list, args) -> dict:
+    """One run, the variant on in every other block of ``args.alternate`` steps: per-block-pair ratio
+    of median step times (off block, then on block)."""
+    torch.manual_seed(args.seed)
+    spec = build_model(model_name)
+    module = BenchModule(spec.net, spec.loss_fn, LEARNING_RATES.get(model_name, 1e-3))
+    warmup, steps = args.warmup + args.alternate * 2, args.alternate_steps
+    timer = StepTimer(warmup, args.device == "cuda", None, 0)
+    alternating = Alternating(alternating_callbacks(variant), args.alternate)
+    save_dir = tempfile.mkdtemp(prefix=f"{model_name}-{variant}-alt-", dir=_WANDB_TMP)
+    logger = make_logger(args.logger, save_dir, f"{model_name}-{variant}-alternating")
+    loader = torch.utils.data.DataLoader(BatchPool(pool, warmup + steps + 1), batch_size=None, shuffle=False, num_workers=0)
+    trainer = L.Trainer(
+        accelerator=args.device, devices=1, precision=args.precision, max_steps=warmup + steps + 1, max_epochs=1,
+        logger=logger, log_every_n_steps=args.log_every_n_steps, callbacks=[timer, alternating, StepTimerEnd(timer)],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        benchmark=True if args.device == "cuda" else None,
+    )
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    finally:
+        if args.logger == "wandb" and logger._experiment is not None:
+            logger.experiment.finish()
+    periods, _, cpu = timer.measured()
+    flags = alternating.step_flags[warmup : warmup + len(periods)]
+    # blocks: consecutive steps with the same flag; ratio of each (off, on) pair of neighbouring blocks
+    blocks: list[tuple[bool, list[float]]] = []
+    for flag, ms in zip(flags, periods):
+        if not blocks or blocks[-1][0] != flag:
+            blocks.append((flag, []))
+        blocks[-1][1].append(ms)
+    pairs = [(statistics.median(a[1]), statistics.median(b[1])) for a, b in zip(blocks, blocks[1:])
+             if not a[0] and b[0] and len(a[1]) == len(b[1]) == args.alternate]
+    on = [ms for flag, ms in zip(flags, periods) if flag]
+    off = [ms for flag, ms in zip(flags, periods) if not flag]
+    del trainer, module, spec, logger
+    gc.collect()
+    if not pairs:
+        return {"error": "no complete pair of blocks"}
+    return {
+        "model": model_name, "variant": variant, "pairs": len(pairs), "steps_on": len(on), "steps_off": len(off),
+        "median_on_ms": statistics.median(on), "median_off_ms": statistics.median(off),
+        "ratio": statistics.median(b / a for a, b in pairs),
+        "added_ms": statistics.median(b - a for a, b in pairs),
+        "ratio_p25": _quantile([b / a for a, b in pairs], 0.25), "ratio_p75": _quantile([b / a for a, b in pairs], 0.75),
+    }
 
 
 # ---------------------------------------------------------------- statistics and output
@@ -424,7 +541,8 @@ def _pct(x: float | None) -> float | None:
     return None if x is None else (x - 1) * 100
 
 
-def render_markdown(meta: dict, table: list[dict], comparisons: list[dict]) -> str:
+def render_markdown(meta: dict, table: list[dict], comparisons: list[dict], alternating: list[dict] = (),
+                    alt_comparisons: list[dict] = ()) -> str:
     cpu = meta["device"] == "cpu"
     lines = [
         f"# GradGuard overhead benchmark — {meta['machine']}",
@@ -456,6 +574,31 @@ def render_markdown(meta: dict, table: list[dict], comparisons: list[dict]) -> s
            if cpu else ""),
         "",
     ]
+    if alternating:
+        lines += [
+            f"## Alternating blocks within one run (the steadier measurement)", "",
+            f"One run per (model, variant), {meta['alternate_steps']} measured steps; the variant's callback is on "
+            f"in every other block of {meta['alternate']} steps and off in the others, so both kinds of steps share "
+            "the model, the process and the same minutes of the machine's life (on this shared 2-core machine the "
+            "separate runs below differ by up to 10% between repeats of the *same* variant). ratio = median over "
+            "neighbouring (off, on) block pairs of median on-step / median off-step time; +ms likewise.", "",
+            "| model | variant | ratio (on / off) | +ms/step | ratio IQR over pairs | median on ms | median off ms | block pairs |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in alternating:
+            if "ratio" not in r:
+                lines.append(f"| {r['model']} | {r['variant']} | {r.get('error', 'failed')} | | | | | |")
+                continue
+            lines.append(f"| {r['model']} | {r['variant']} | {fmt(r['ratio'], 3)} | {fmt(r['added_ms'])} | "
+                         f"{fmt(r['ratio_p25'], 3)}–{fmt(r['ratio_p75'], 3)} | {fmt(r['median_on_ms'])} | "
+                         f"{fmt(r['median_off_ms'])} | {r['pairs']} |")
+        if alt_comparisons:
+            lines += ["", "many_tensors (2,000 tensors) vs few_tensors (20 tensors), alternating runs, added ms per step "
+                      "(target for GradGuard: within 2x):", "",
+                      "| variant | +ms many_tensors | +ms few_tensors | many / few | verdict |", "|---|---:|---:|---:|---|"]
+            lines += [f"| {c['variant']} | {fmt(c['added_many_ms'])} | {fmt(c['added_few_ms'])} | {fmt(c['ratio'])} | "
+                      f"{c['verdict']} |" for c in alt_comparisons]
+        lines += ["", "## Separate runs, interleaved repeats", ""]
     cols = ["model", "params", "tensors", "variant", "ms/step (median)", "IQR", "repeats", "ratio vs none",
             "+ms vs none"] + (["CPU ms/step", "CPU ratio"] if cpu else []) + ["in-step ms"] + \
         ([] if cpu else ["peak mem MB"]) + ["n"]
@@ -516,6 +659,20 @@ def render_markdown(meta: dict, table: list[dict], comparisons: list[dict]) -> s
     return "\n".join(lines) + "\n"
 
 
+def compare_many_few_alternating(rows: list[dict]) -> list[dict]:
+    """many_tensors vs few_tensors from the alternating runs (added ms per step)."""
+    by = {(r["model"], r["variant"]): r for r in rows if "ratio" in r}
+    out = []
+    for v in ALTERNATING_VARIANTS:
+        many, few = by.get(("many_tensors", v)), by.get(("few_tensors", v))
+        if many and few:
+            ratio = many["added_ms"] / max(few["added_ms"], 0.05)
+            verdict = "reference" if v not in GUARD_VARIANTS else ("within 2x" if ratio <= 2 else "ABOVE 2x")
+            out.append({"variant": v, "added_many_ms": many["added_ms"], "added_few_ms": few["added_ms"],
+                        "ratio": ratio, "verdict": verdict})
+    return out
+
+
 def compare_many_few(table: list[dict], cpu: bool) -> list[dict]:
     """Added cost of each variant on many_tensors vs few_tensors (wall time, and CPU time on CPU)."""
     by = {(r["model"], r["variant"]): r for r in table}
@@ -563,6 +720,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.set_num_threads; default 1 on CPU (see module docstring), 0 = torch's own choice; "
                         "on CUDA the default is torch's own choice")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alternate", type=int, default=5, metavar="N",
+                   help="also measure the callback variants (gradguard, gradguard_layers, norm_pass) in one run each, "
+                        "on in every other block of N steps (0: off; default 5)")
+    p.add_argument("--alternate-steps", type=int, default=200, help="measured steps of each alternating run (default 200)")
     p.add_argument("--no-prewarm", action="store_true", help="skip the untimed warm-up run per model")
     p.add_argument("--quick", action="store_true", help="smoke test: mlp+few_tensors, 2+5 steps, 1 repeat (<1 min)")
     p.add_argument("--out", help="output path without extension (default benchmarks/results/overhead-<machine-tag>)")
@@ -673,7 +834,27 @@ def main(argv: list[str] | None = None) -> dict:
                 row["cpu_added_ms"] = s["cpu_median_ms"] - base["cpu_median_ms"]
             table.append(row)
 
+    alternating: list[dict] = []
+    if args.alternate:
+        print(f"\n## alternating blocks of {args.alternate} steps within one run", flush=True)
+        for model_name in args.models:
+            spec = build_model(model_name)
+            g = torch.Generator().manual_seed(args.seed)
+            pool = [spec.make_batch(g) for _ in range(POOL_BATCHES)]
+            if args.device == "cuda":
+                pool = [tuple(t.pin_memory() for t in b) for b in pool]
+            del spec
+            for v in [v for v in ALTERNATING_VARIANTS if v in args.variants]:
+                t0 = time.perf_counter()
+                row = run_alternating(model_name, v, pool, args)
+                row.setdefault("model", model_name)
+                row.setdefault("variant", v)
+                alternating.append(row)
+                msg = row.get("error") or f"ratio {row['ratio']:.3f} (+{row['added_ms']:.2f} ms) over {row['pairs']} block pairs"
+                print(f"  {model_name:<13} {v:<17} {msg}  [{time.perf_counter() - t0:.1f} s]", flush=True)
+
     comparisons = compare_many_few(table, cpu=args.device == "cpu")
+    alt_comparisons = compare_many_few_alternating(alternating)
 
     notes = [
         "Each run: fresh model (same seed), fresh logger, fresh Trainer, one process; wandb offline into a temp dir.",
@@ -691,11 +872,13 @@ def main(argv: list[str] | None = None) -> dict:
         "argv": sys.argv[1:] if argv is None else list(argv),
         "wall_s": round(time.perf_counter() - t_start, 1), "notes": notes,
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "alternate": args.alternate, "alternate_steps": args.alternate_steps,
     }
-    md = render_markdown(meta, table, comparisons)
+    md = render_markdown(meta, table, comparisons, alternating, alt_comparisons)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(md)
-    result = {"meta": meta, "results": table, "many_vs_few": comparisons}
+    result = {"meta": meta, "results": table, "many_vs_few": comparisons, "alternating": alternating,
+              "alternating_many_vs_few": alt_comparisons}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     print("\n" + md)
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')} in {meta['wall_s']} s", flush=True)
