@@ -520,7 +520,7 @@ class GradGuard(Callback):
         try:
             return self._read_and_copy(watch, optimizer, detail_step, param_step, losses)
         except BaseException:
-            self._pending_losses = losses + self._pending_losses  # not read: the next step reads them
+            self._pending_losses = losses + self._pending_losses  # unless already read (then emptied): next step
             raise
 
     def _read_and_copy(self, watch, optimizer, detail_step: bool, param_step: bool, losses: list[Tensor]) -> dict | None:
@@ -539,6 +539,7 @@ class GradGuard(Callback):
                 rows.append(torch.stack([x.to(sums.grad_sq.device) for x in losses]))
             flat = torch.cat(rows).cpu().numpy()  # sync: the only one per step
             self._flush_losses(flat[len(flat) - len(losses) :].tolist() if losses else [])  # numpy: no sync
+            losses.clear()  # read: an error after this point must not feed them twice
             return _host_series(sums, flat, watch.host_cache)
 
         # LRs held as device tensors (capturable optimizers) ride along in the copy; see _host_lrs
@@ -554,7 +555,9 @@ class GradGuard(Callback):
         host = read.packed.cpu().numpy()  # sync: the only one per step
         tail = host[len(host) - len(extra) :].tolist() if extra else []  # numpy: no sync
         self._flush_losses(tail[: len(losses)])
-        grad_scale = tail[len(losses)] if scale is not None else None
+        n_losses = len(losses)
+        losses.clear()  # read: an error after this point must not feed them twice
+        grad_scale = tail[n_losses] if scale is not None else None
         lrs = self._host_lrs(watch, optimizer, tail[len(tail) - len(lr_tensors) :]) if param_step else None
         series = layer_series(watch.plan, read, host, lrs=lrs, grad_scale=grad_scale)
         del series["extra"]

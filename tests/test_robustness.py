@@ -146,3 +146,22 @@ def test_statistics_and_detectors_never_raise_and_stay_finite(grads, dtype, step
         assert not np.isinf(det.fast).any() and not np.isinf(det.peak[np.isfinite(det.peak)]).any()
         if trend.fast is not None:
             assert not math.isinf(trend.fast)
+
+
+def test_a_failed_step_feeds_each_loss_to_the_trend_exactly_once(monkeypatch):
+    import lightning_gradguard.callback as cb
+
+    real, calls = cb.layer_series, {"n": 0}
+
+    def fails_once(*args, **kwargs):  # after the step's copy was read: its losses were observed
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("host maths failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cb, "layer_series", fails_once)
+    guard = GradGuard()
+    trainer(max_steps=6, callbacks=[guard]).fit(DigitsMLP(), digits_loader())
+    assert guard.internal_errors == 1
+    # the losses of steps 0..4 were read with steps 1..5; step 5's waits for a next step
+    assert guard._loss.seen == 5 and len(guard._pending_losses) == 1
