@@ -74,7 +74,6 @@ class _Watch:
     host_group_index: np.ndarray | None = None  # the same, on the host
     keys: dict = field(default_factory=dict)  # logged key of each metric name (see GradGuard._key)
     device: torch.device = torch.device("cpu")  # where the gradients live
-    host_cache: dict = field(default_factory=dict)  # constant host vectors of the usual step (see _host_series)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
 
     def series_name(self, i: int) -> str | None:
@@ -540,7 +539,7 @@ class GradGuard(Callback):
             flat = torch.cat(rows).cpu().numpy()  # sync: the only one per step
             self._flush_losses(flat[len(flat) - len(losses) :].tolist() if losses else [])  # numpy: no sync
             losses.clear()  # read: an error after this point must not feed them twice
-            return _host_series(sums, flat, watch.host_cache)
+            return _host_series(watch.plan, sums, flat)
 
         # LRs held as device tensors (capturable optimizers) ride along in the copy; see _host_lrs
         lr_tensors = [g["lr"] for g in optimizer.param_groups if _on_device(g["lr"])] if param_step else []
@@ -559,9 +558,7 @@ class GradGuard(Callback):
         losses.clear()  # read: an error after this point must not feed them twice
         grad_scale = tail[n_losses] if scale is not None else None
         lrs = self._host_lrs(watch, optimizer, tail[len(tail) - len(lr_tensors) :]) if param_step else None
-        series = layer_series(watch.plan, read, host, lrs=lrs, grad_scale=grad_scale)
-        del series["extra"]
-        return series
+        return layer_series(watch.plan, read, host, lrs=lrs, grad_scale=grad_scale)
 
     def _host_lrs(self, watch: _Watch, optimizer: torch.optim.Optimizer, tensor_lrs: list[float]) -> np.ndarray:
         """Each plan parameter's effective LR (host floats; tensor LRs read with the step's copy)."""
@@ -1124,12 +1121,10 @@ class GradGuard(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
-def _host_series(sums: LayerSums, flat: np.ndarray, cache: dict) -> dict[str, np.ndarray]:
+def _host_series(plan: LayerPlan, sums: LayerSums, flat: np.ndarray) -> dict[str, np.ndarray]:
     """Global + per-layer series (index 0 is global), float64, from the host copy of ``sums``' rows
-    (concatenated in the order ``grad_sq, present, max_abs, weight_sq, update_sq``, absent ones skipped).
-
-    Runs every step on a cold cache (right after the backward pass), where each numpy call costs
-    several microseconds: the usual step (every layer present and finite) takes cached vectors."""
+    (concatenated in the order ``grad_sq, present, max_abs, weight_sq, update_sq``, absent ones skipped):
+    the sharded counterpart of :func:`~lightning_gradguard.stats.layer_series`."""
     n = len(sums.grad_sq)
     flat = flat.astype(np.float64)
 
@@ -1143,17 +1138,10 @@ def _host_series(sums: LayerSums, flat: np.ndarray, cache: dict) -> dict[str, np
     k = n
     if isinstance(sums.present, Tensor):  # counts across ranks
         present, k = with_total(flat[k : k + n] > 0, True).astype(bool), k + n
-    else:  # the plan's cached mask (the same object while the same parameters have gradients)
-        mask, present = cache.get("present", (None, None))
-        if mask is not sums.present:
-            present = with_total(sums.present, True).astype(bool)
-            present.flags.writeable = False  # shared between steps
-            cache["present"] = (sums.present, present)
+    else:
+        present = plan.host_present(sums.positions)
     if math.isfinite(norm[0]):  # a finite sum of squares: every layer is finite
-        nonfinite = cache.get("all_finite")
-        if nonfinite is None:
-            nonfinite = cache["all_finite"] = np.zeros(n + 1, dtype=bool)
-            nonfinite.flags.writeable = False  # shared between steps
+        nonfinite = plan.host_all_finite
     else:
         nonfinite = ~np.isfinite(norm)  # the global entry too: it is a sum over the layers
     out = {"norm": norm, "present": present, "nonfinite": nonfinite}

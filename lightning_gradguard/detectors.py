@@ -153,7 +153,7 @@ def _series_property(name: str) -> property:
 
     def set(self, value) -> None:
         value = np.asarray(value, dtype=np.float64)
-        self._series_state[name] = value if self.vectorized else value.tolist()
+        self._series_state[name] = value if self.vectorized else value.tolist()  # numpy: no sync
 
     return property(get, set, doc=f"``{name}`` of every series (numpy array).")
 

@@ -408,7 +408,7 @@ def layer_series(
 ) -> dict:
     """Host numpy: per-layer series from the host copy of a :class:`PackedRead`, float64, index 0 the
     global value: ``norm``, ``present``, ``nonfinite``, and as read, ``max_abs``, ``weight`` and (with
-    ``lrs``, each plan parameter's learning rate) ``update_ratio``; ``extra`` as packed. ``grad_scale``:
+    ``lrs``, each plan parameter's learning rate) ``update_ratio``. ``grad_scale``:
     the gradients still carry this AMP loss scale (divided out here)."""
     parts = read.unpack(host)
     if grad_scale is not None:
@@ -426,7 +426,7 @@ def layer_series(
     grad = parts["grad"]
     if len(grad) <= _PYTHON_MAX_TENSORS:  # Python floats: no numpy cold start for a few dozen values
         sums = [0.0] * (n + 1)
-        for j, v in zip(plan.host_index_list(read.positions), grad.tolist()):
+        for j, v in zip(plan.host_index_list(read.positions), grad.tolist()):  # numpy: no sync
             sums[j] += v * v
         sums[0] = sum(sums)  # NaN/Inf propagate to the global sum
         norm = np.sqrt(sums)
@@ -434,7 +434,7 @@ def layer_series(
         norm = with_total(np.bincount(index, weights=grad * grad, minlength=n), 0.0)
         norm[0] = norm[1:].sum()  # NaN/Inf propagate to the global sum
         np.sqrt(norm, out=norm)
-    out = {"norm": norm, "present": plan.host_present(read.positions), "extra": parts["extra"]}
+    out = {"norm": norm, "present": plan.host_present(read.positions)}
     out["nonfinite"] = plan.host_all_finite if math.isfinite(norm[0]) else ~np.isfinite(norm)
     if "max_abs" in parts:
         layer_max = np.zeros(n)
