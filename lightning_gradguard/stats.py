@@ -202,6 +202,7 @@ class LayerPlan:
 _STACK_MAX_NUMEL = 1 << 14  # tensors up to this size are stacked with others of their shape...
 _STACK_MIN_GROUP = 8  # ...when at least this many share the shape...
 _STACK_MIN_TOTAL = 64  # ...and at least this many are stacked in all (fewer: the extra operations do not pay)...
+_AMINMAX_MIN_NUMEL = 1 << 12  # CPU max |x| of tensors this large is read with aminmax (see _norms)
 _PYTHON_MAX_TENSORS = 256  # host sums over this few tensors run in Python floats (no numpy cold start)
 _STACK_CHUNK = 1 << 18  # ...into blocks of at most this many elements (1 MiB in float32): the bound on scratch memory
 
@@ -253,10 +254,38 @@ class _Stacking:
         for block in self.blocks:
             members = block(tensors)
             stacked = torch.stack(members)  # a bounded scratch block, not a model-sized copy
-            parts.append(torch.linalg.vector_norm(stacked.view(len(members), -1), ord, dim=1, dtype=torch.float32))
+            rows = stacked.view(len(members), -1)
+            if ord == math.inf:  # see _norms; NaN propagates through amax, amin and maximum
+                parts.append(torch.maximum(rows.amax(1), rows.amin(1).neg()).to(torch.float32))
+            else:
+                parts.append(torch.linalg.vector_norm(rows, ord, dim=1, dtype=torch.float32))
         if self.rest is not None:
-            parts.append(torch.stack(torch._foreach_norm(self.rest(tensors), ord, dtype=torch.float32)))
+            parts.append(torch.stack(_norms(self.rest(tensors), ord)))
         return torch.cat(parts)[self.order]
+
+
+def _norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
+    """``torch._foreach_norm(tensors, ord, dtype=torch.float32)`` for tensors of one device and dtype,
+    with two differences for max ``|x|`` (``ord=inf``, read on detail steps only): an empty tensor's
+    is 0 (as its L2 norm) where the inf-norm kernel raises, and on a CPU it is read with ``aminmax``,
+    at memory speed, where the inf-norm kernel runs ~15x slower (8.8 ms against 0.6 ms for the
+    13 MB of the benchmark MLP's gradients)."""
+    if ord != math.inf:
+        return torch._foreach_norm(tensors, ord, dtype=torch.float32)
+    if not tensors:
+        return []
+    if not all(t.numel() for t in tensors):  # max has no identity: keep the empty ones out of the kernels
+        full = iter(_norms([t for t in tensors if t.numel()], ord))
+        return [next(full) if t.numel() else torch.zeros((), dtype=torch.float32, device=t.device) for t in tensors]
+    large = [t.numel() >= _AMINMAX_MIN_NUMEL for t in tensors] if tensors[0].device.type == "cpu" else []
+    if not any(large):
+        return torch._foreach_norm(tensors, ord, dtype=torch.float32)
+    # on a CPU the inf-norm kernel costs ~0.6 ns per element, aminmax ~0.04 ns and ~1.5 us per call
+    small = [t for t, is_large in zip(tensors, large) if not is_large]
+    small_max = iter(torch._foreach_norm(small, ord, dtype=torch.float32) if small else ())
+    lo, hi = zip(*(torch.aminmax(t) for t, is_large in zip(tensors, large) if is_large))
+    large_max = iter(torch.maximum(torch.stack(hi), torch.stack(lo).neg()).to(torch.float32).unbind())  # NaN propagates
+    return [next(large_max) if is_large else next(small_max) for is_large in large]
 
 
 def _getter(indices: Sequence[int]) -> Callable:
@@ -302,22 +331,21 @@ def _tensor_norms(
         except RuntimeError:  # a sparse gradient in a block (Embedding(sparse=True)) cannot be stacked
             pass
     if uniform and not any(t.is_sparse for t in tensors):
-        return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32)).to(device)
+        return torch.stack(_norms(tensors, ord)).to(device)
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype, t.is_sparse), []).append(i)
     if len(groups) == 1:
         (dev, _, sparse), _ = next(iter(groups.items()))
         if not sparse:
-            out = torch._foreach_norm(tensors, ord, dtype=torch.float32)
-            return torch.stack(out).to(device)
+            return torch.stack(_norms(tensors, ord)).to(device)
     ordered: list[Tensor | None] = [None] * len(tensors)
     for (_, _, sparse), positions in groups.items():
         members = [tensors[i] for i in positions]
         if sparse:
             norms = [torch.linalg.vector_norm(t.coalesce()._values(), ord, dtype=torch.float32) for t in members]
         else:
-            norms = torch._foreach_norm(members, ord, dtype=torch.float32)
+            norms = _norms(members, ord)
         for i, n in zip(positions, norms):
             ordered[i] = n.to(device)
     return torch.stack(ordered)  # type: ignore[arg-type]
@@ -392,7 +420,7 @@ def read_tensors(
     with torch.no_grad():  # read in place: no per-tensor detach(), no autograd graph
         if stacking is None and plan.uniform:
             try:  # the usual case: one foreach pass per read, one stack for everything
-                scalars = [n for _, tensors, ord in reads for n in torch._foreach_norm(tensors, ord, dtype=torch.float32)]
+                scalars = [n for _, tensors, ord in reads for n in _norms(tensors, ord)]
                 return PackedRead(torch.stack(scalars + list(extra)), positions, names)
             except (NotImplementedError, RuntimeError):  # a sparse gradient (Embedding(sparse=True))
                 pass

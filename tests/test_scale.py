@@ -67,7 +67,9 @@ def test_thousands_of_small_tensors_cost_a_few_operations_and_bounded_scratch():
     ops, largest = OpCounter(), MaxNumel()
     with ops, largest:
         read = read_tensors(plan, max_abs=True, param_norms=True)
-    assert ops.ops < 60  # 5 blocks x 3 reads x 3 ops and a few more, for 2,000 tensors
+    # 5 blocks x 3 reads (a stack and a norm; max |g| in 4 ops, amax/amin beat the inf-norm kernel 20x)
+    # and a few more, for 2,000 tensors
+    assert ops.ops < 80
     assert largest.largest <= _STACK_CHUNK < sum(p.numel() for p in net.parameters())
     series = layer_series(plan, read, read.packed.numpy())
     expected = torch.stack([torch.stack([m.weight.grad.norm(), m.bias.grad.norm()]).norm() for m in net])

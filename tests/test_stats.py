@@ -157,3 +157,31 @@ def test_sharded_partial_sums_are_combined_by_all_reduce():
     assert got.total.item() == pytest.approx(expected.total.item(), rel=1e-6)
     assert got.max_abs.tolist() == pytest.approx(expected.max_abs.tolist())
     assert got.present.tolist() == [True] and got.nonfinite.tolist() == [False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_same_shape", [3, 80])  # read one by one / in stacked blocks (see stats._Stacking)
+def test_max_abs_matches_reference_with_nan_inf_and_empty_tensors(dtype, n_same_shape):
+    """max |g| on a CPU is read with aminmax (large tensors) or the inf-norm kernel (small ones):
+    the same values as the reference, NaN and -Inf included, and 0 for an empty tensor, where the
+    inf-norm kernel raises."""
+    from lightning_gradguard.stats import _AMINMAX_MIN_NUMEL, layer_series, read_tensors
+
+    torch.manual_seed(0)
+    shapes = [(64, 128), (_AMINMAX_MIN_NUMEL,), (7,), (0, 4)] + [(16, 16)] * n_same_shape
+    params = [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape).to(dtype)
+    params[0].grad[3, 5] = -8192.0  # the largest |g| is negative (exact in every dtype)
+    params[1].grad[7] = float("nan")
+    params[-1].grad[0, 0] = float("-inf")
+    plan = LayerPlan.from_named_parameters((f"layer{i}.weight", p) for i, p in enumerate(params))
+    assert plan.num_layers == len(params)
+    expected = [p.grad.float().abs().max().item() if p.numel() else 0.0 for p in params]
+
+    read = read_tensors(plan, max_abs=True)
+    got = layer_series(plan, read, read.packed.numpy())["max_abs"][1:].tolist()
+    device = grad_stats(plan, max_abs=True).max_abs.tolist()
+    for values in (got, device):
+        assert values[0] == 8192.0 and math.isnan(values[1]) and values[3] == 0.0 and values[-1] == math.inf
+        assert values == pytest.approx(expected, nan_ok=True)
