@@ -72,6 +72,35 @@ def test_history_merging_keeps_nonfinite_marks_and_event_positions():
     assert h.latest_step == 109 and h.latest.tolist() == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("max_columns", [2, 5, 256])
+def test_history_folding_in_batches_matches_folding_every_step(max_columns):
+    """``add`` folds 64 steps at a time (or when read): the columns, counts and marks are those
+    of folding each step as it comes, however the reads and merges fall."""
+    rng = np.random.default_rng(0)
+    batched, each = FlowHistory(["a", "b", "c"], max_columns), FlowHistory(["a", "b", "c"], max_columns)
+    each._FOLD_EVERY = 1
+    for step in range(700):
+        norms = 10.0 ** rng.normal(0, 2, 4)
+        if rng.random() < 0.05:
+            norms[rng.integers(4)] = rng.choice([np.nan, np.inf, 0.0])
+        batched.add(step, norms)
+        each.add(step, norms)
+        norms[:] = -1.0  # the caller's vector may change afterwards: a copy was kept
+        if rng.random() < 0.02:
+            batched.add_event(step, "exploding", "b")
+            each.add_event(step, "exploding", "b")
+        if rng.random() < 0.03 or step == 699:  # reads at arbitrary points fold what is pending
+            assert (batched.stride, batched.columns, batched.steps_seen) == (each.stride, each.columns, each.steps_seen)
+            np.testing.assert_allclose(batched.mean_log10(), each.mean_log10(), rtol=1e-12, atol=1e-12)
+            np.testing.assert_array_equal(batched.nonfinite_cells(), each.nonfinite_cells())
+            np.testing.assert_array_equal(batched.zero_cells(), each.zero_cells())
+            np.testing.assert_array_equal(np.stack(batched.column_steps()), np.stack(each.column_steps()))
+            assert batched.latest_step == each.latest_step == step
+            np.testing.assert_array_equal(batched.latest, each.latest)
+    assert list(batched.events) == list(each.events)
+    assert each._finite.sum() + each._nonfinite.sum() + each._zero.sum() == 700 * 4
+
+
 def test_history_rejects_a_wrong_vector_and_bad_arguments():
     h = FlowHistory(["a"])
     with pytest.raises(ValueError, match=r"expected 2 norms \(global \+ 1 layers\), got 3"):
