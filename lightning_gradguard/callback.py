@@ -39,6 +39,7 @@ from lightning_gradguard.detectors import REPORT_ROWS, Code, DetectorConfig, Los
 from lightning_gradguard.events import KINDS, GradEvent, GradientHealthError, Response
 from lightning_gradguard.sinks import GuardSink
 from lightning_gradguard.stats import LayerPlan, LayerSums, layer_series, layer_sums, read_tensors
+from lightning_gradguard.writes import SharedWrite
 
 __all__ = ["GradGuard"]
 
@@ -333,6 +334,7 @@ class GradGuard(Callback):
         self._loss = LossTrend(self.config.warmup_steps, self.config.growth_window, self.converged_loss_ratio)
         self._pending_losses: list[Tensor] = []
         self._unwritten: list[tuple[int, dict[str, float]]] = []  # (log step, metrics) for the loggers
+        self._shared: dict[int, SharedWrite | None] = {}  # id(logger) -> its stand-in (see writes.py)
         self._scaler: Any = None
         self._reduce = None  # cross-rank reduction of partial sums, for sharded strategies
 
@@ -362,6 +364,7 @@ class GradGuard(Callback):
                 )
         self._active_sinks = active if trainer.is_global_zero else []
         self._sink_call("setup", trainer)
+        self._shared = {id(logger): SharedWrite.attach(logger, self) for logger in trainer.loggers}
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -378,6 +381,14 @@ class GradGuard(Callback):
         for scale in self._lr_scales.values():
             scale.remove()  # leave the user's optimizers as they were
         self._lr_scales = {}
+        self._detach_loggers(trainer)
+
+    def _detach_loggers(self, trainer: Trainer) -> None:
+        self._write_metrics(trainer)
+        for shared in self._shared.values():
+            if shared is not None:
+                shared.detach(self)  # leave the user's loggers as they were
+        self._shared = {}
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -388,7 +399,7 @@ class GradGuard(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # a "raise" response (or any crash) still flushes metrics, summaries, pictures and records
-        self._write_metrics(trainer)
+        self._detach_loggers(trainer)
         self._sink_call("on_fit_end", trainer, self.summary())
         self._active_sinks = []
 
@@ -427,8 +438,15 @@ class GradGuard(Callback):
         }
 
     @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        for shared in self._shared.values():
+            if shared is not None and shared.queues.get(id(self)):  # Lightning wrote nothing at that step
+                self._write_metrics(trainer)
+                break
+
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._write_metrics(trainer)
+        self._hand_over(trainer)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             return
@@ -1020,8 +1038,8 @@ class GradGuard(Callback):
                 metrics[keys[i]] = param_norm[i]
                 if math.isfinite(ratio[i]):
                     metrics[ratio_keys[i]] = ratio[i]
-        # written in on_train_batch_end, next to Lightning's own write of the step's metrics: a logger
-        # call costs ~1 ms on the cold caches right after the backward pass, ~0.1 ms right after another
+        # handed over in on_train_batch_end, to ride along in Lightning's own logger call of the step
+        # (see writes.py): a W&B call costs ~0.7 ms on the cold caches of a training step
         if self._unwritten and self._unwritten[-1][0] == log_step and not self._unwritten[-1][1].keys() & metrics.keys():
             self._unwritten[-1][1].update(metrics)  # several optimizers: one call per step
         else:
@@ -1029,19 +1047,43 @@ class GradGuard(Callback):
         trainer.callback_metrics[k("norm_total")] = torch.tensor(norm[0])
         return metrics
 
-    def _write_metrics(self, trainer: Trainer) -> None:
-        """Hand the metrics of the steps since the last call to the Trainer's loggers."""
+    def _hand_over(self, trainer: Trainer) -> None:
+        """The batch's metrics: queued for Lightning's own logger call of the step, which comes right
+        after this batch's ``on_train_batch_end`` hooks (see writes.py); written now where it cannot be."""
+        if not self._unwritten:
+            return
         unwritten, self._unwritten = self._unwritten, []
-        for log_step, metrics in unwritten:
-            for logger in trainer.loggers:
-                if id(logger) in self._failed_loggers:
-                    continue
-                try:
-                    logger.log_metrics(metrics, step=log_step)
-                except Exception as err:  # noqa: BLE001 - e.g. disk full: stop writing there, keep training
-                    self._failed_loggers.add(id(logger))
-                    log.warning("GradGuard: logging to %s failed (%r); the guard stops logging there, training goes on",
-                                type(logger).__name__, err)
+        for logger in trainer.loggers:
+            shared = self._shared.get(id(logger))
+            if shared is not None and not shared.broken and id(self) in shared.queues:
+                shared.queues[id(self)] += unwritten
+            else:
+                self._write(logger, unwritten)
+
+    def _write_metrics(self, trainer: Trainer) -> None:
+        """Write every metric not written yet, each logger with calls of its own."""
+        unwritten, self._unwritten = self._unwritten, []
+        for logger in trainer.loggers:
+            shared = self._shared.get(id(logger))
+            queued = shared.queues.get(id(self)) if shared is not None else None
+            if queued:
+                self._write(logger, queued[:])
+                queued.clear()
+            self._write(logger, unwritten)
+
+    def _write(self, logger: Any, entries: list[tuple[int, dict[str, float]]]) -> None:
+        if id(logger) in self._failed_loggers:
+            return
+        shared = self._shared.get(id(logger))
+        write = shared.write if shared is not None else logger.log_metrics
+        for log_step, metrics in entries:
+            try:
+                write(metrics, step=log_step)
+            except Exception as err:  # noqa: BLE001 - e.g. disk full: stop writing there, keep training
+                self._failed_loggers.add(id(logger))
+                log.warning("GradGuard: logging to %s failed (%r); the guard stops logging there, training goes on",
+                            type(logger).__name__, err)
+                return
 
     def _logged_layers(self, host: np.ndarray) -> list[int]:
         """Series indices of the layers to log: all, or the ``top_k`` largest and smallest norms."""

@@ -81,18 +81,19 @@ def test_no_logger_means_no_logging_but_detection_runs(tmp_path):
 
 
 def test_metrics_are_written_with_lightnings_own_and_still_when_the_guard_raises(tmp_path):
-    """The guard hands its metrics to the loggers in on_train_batch_end, next to Lightning's own
-    write (a logger call is cheaper there); a step that raises is still logged (CI needs it)."""
+    """The guard's metrics ride along in Lightning's own logger call of the step (one call per step,
+    not two: a W&B call costs ~0.7 ms); a step that raises is still logged (CI needs it); the
+    logger gets its own method back after fit."""
     from helpers import FaultyMLP
     from lightning_gradguard import GradientHealthError
 
     class Spy(CSVLogger):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.calls: list[tuple[int, bool]] = []  # (step, holds grad/ keys)
+            self.calls: list[tuple[int, bool, bool]] = []  # (step, holds grad/ keys, holds Lightning's)
 
         def log_metrics(self, metrics, step=None):
-            self.calls.append((step, any(k.startswith("grad/") for k in metrics)))
+            self.calls.append((step, any(k.startswith("grad/") for k in metrics), "train_loss" in metrics))
             super().log_metrics(metrics, step)
 
     class LogsLoss(FaultyMLP):
@@ -106,13 +107,76 @@ def test_metrics_are_written_with_lightnings_own_and_still_when_the_guard_raises
     with pytest.raises(GradientHealthError):
         trainer(max_steps=10, logger=logger, log_every_n_steps=1, callbacks=[guard]).fit(
             LogsLoss({6: "inf"}), digits_loader())
-    # one guard write, then Lightning's, per step; the raising step 6 written before the loggers finalize
-    assert logger.calls[:4] == [(0, True), (0, False), (1, True), (1, False)]
-    assert (6, True) in logger.calls
+    # one call per step with both; the raising step 6 (Lightning never writes it) before the loggers finalize
+    assert logger.calls[:6] == [(step, True, True) for step in range(6)]
+    assert logger.calls[6:] == [(6, True, False)]
+    assert "log_metrics" not in vars(logger)
     (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
     rows = {int(r["step"]): r for r in csv.DictReader(open(path)) if r.get("grad/norm_total")}
     assert sorted(rows) == list(range(7))
     assert math.isinf(float(rows[6]["grad/norm_total"])) or math.isnan(float(rows[6]["grad/norm_total"]))
+
+
+class KeySpy(CSVLogger):
+    """Records each call: (step, the key prefixes it holds)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[int, set[str]]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, {k.split("/")[0] for k in metrics if k != "epoch"}))
+        super().log_metrics(metrics, step)
+
+
+def test_two_guards_two_loggers_and_other_cadences_every_metric_arrives_once(tmp_path):
+    """Lightning writes every 4 steps, one guard every step, another every 2: at Lightning's steps
+    both guards ride along in its one call per logger; the other steps are written apart; every
+    logger gets every step once; both loggers get their own method back."""
+    from helpers import FaultyMLP
+
+    class LogsLoss(FaultyMLP):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    loggers = [KeySpy(tmp_path / "a"), KeySpy(tmp_path / "b")]
+    guards = [GradGuard(log_every_n_steps=1, log_layers="none"), GradGuard(prefix="g2/", log_every_n_steps=2, log_layers="none")]
+    trainer(max_steps=12, logger=loggers, log_every_n_steps=4, callbacks=guards).fit(LogsLoss({}), digits_loader())
+    for logger in loggers:
+        assert [(step, keys) for step, keys in logger.calls if "train_loss" in keys] == [
+            (step, {"train_loss", "grad", "g2"}) for step in (3, 7, 11)]
+        apart = [(step, keys) for step, keys in logger.calls if "train_loss" not in keys]
+        assert sorted(apart) == sorted([(s, {"grad"}) for s in range(12) if s % 4 != 3] + [(s, {"g2"}) for s in (1, 5, 9)])
+        assert "log_metrics" not in vars(logger)
+        (path,) = glob.glob(f"{logger.log_dir}/metrics.csv")
+        rows = list(csv.DictReader(open(path)))
+        assert sorted(int(r["step"]) for r in rows if r["grad/norm_total"]) == list(range(12))
+        assert sorted(int(r["step"]) for r in rows if r["g2/norm_total"]) == [1, 3, 5, 7, 9, 11]
+
+
+def test_a_logger_failing_on_the_guards_keys_still_gets_lightnings_own(tmp_path, caplog):
+    """A shared call that fails (here: because of the guard's keys) is retried with Lightning's
+    metrics alone: training and Lightning's logging go on, the guard stops writing there."""
+    import logging
+
+    class FailsOnGrad(CSVLogger):
+        def log_metrics(self, metrics, step=None):
+            if any(k.startswith("grad/") for k in metrics):
+                raise OSError("No space left on device")
+            super().log_metrics(metrics, step)
+
+    logger = FailsOnGrad(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        t = trainer(max_steps=8, logger=logger, log_every_n_steps=1, callbacks=[GradGuard(log_every_n_steps=1)])
+        t.fit(DigitsMLP(), digits_loader())  # logs train_loss every step
+    assert t.global_step == 8
+    (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
+    rows = list(csv.DictReader(open(path)))
+    assert [int(r["step"]) for r in rows if r.get("train_loss")] == list(range(8))
+    assert caplog.text.count("No space left on device") == 2  # the shared call, then the guard's own
+    assert "log_metrics" not in vars(logger)
 
 
 def test_update_ratio_with_a_tensor_learning_rate(tmp_path):
