@@ -228,47 +228,56 @@ class TrendDetector:
     def _update_scalar(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm) -> np.ndarray:
         """:meth:`_update`, series by series in Python floats (the same rules, line for line)."""
         c, n_series, isfinite = self.config, self.num_series, math.isfinite
-        norm, present, nonfinite = _host(norm).tolist(), _host(present, bool).tolist(), _host(nonfinite, bool).tolist()
+        # lists are read as they are (the guard's usual step passes lists: no numpy call)
+        norm = norm if type(norm) is list else _host(norm).tolist()
+        present = present if type(present) is list else _host(present, bool).tolist()
+        nonfinite = nonfinite if type(nonfinite) is list else _host(nonfinite, bool).tolist()
         st = self._series_state  # Python lists in this mode, updated in place
         count, level, scale, fast = st["count"], st["level"], st["scale"], st["fast"]
         maxseen, peak, streak = st["maxseen"], st["peak"], st["streak"]
         level_before, scale_before = list(level), list(scale)
         code, spike_at, finite, ok = [0] * n_series, [0.0] * n_series, [False] * n_series, [False] * n_series
-        warmup = c.warmup_steps
+        # loop invariants in locals: this loop runs on every step, on caches the backward pass left cold
+        warmup, log10, inf = c.warmup_steps, math.log10, math.inf
+        zscore, spike_min, warmup_spike = c.spike_zscore, self._log_spike_min, self._log_warmup_spike
+        clamp, level_alpha, scale_beta, min_scale, fast_alpha = (
+            c.clamp_sigmas, c.level_alpha, c.scale_beta, c.min_scale, c.fast_alpha)
+        SPIKE, NONFINITE = int(Code.SPIKE), int(Code.NONFINITE)  # noqa: N806 - plain ints: IntFlag's | runs Python code
         for i in range(n_series):
             x_norm = norm[i]
             fin = finite[i] = isfinite(x_norm) and not nonfinite[i]
             good = ok[i] = present[i] and fin and x_norm > 0
-            x = math.log10(max(x_norm, _TINY)) if fin else 0.0
+            x = log10(max(x_norm, _TINY)) if fin else 0.0
             cnt, lv, sc = count[i], level[i], scale[i]
             warm = cnt >= warmup
             # --- spike: z-score on the slow level after warm-up, ratio to the max seen before
-            s_log = lv + max(c.spike_zscore * sc, self._log_spike_min) if warm else maxseen[i] + self._log_warmup_spike
-            spike_at[i] = 10.0**s_log if s_log < 308.0 else math.inf
+            s_log = lv + max(zscore * sc, spike_min) if warm else maxseen[i] + warmup_spike
+            spike_at[i] = 10.0**s_log if s_log < 308.0 else inf
             if good and cnt >= 1 and x > s_log:
-                code[i] = Code.SPIKE
+                code[i] = SPIKE
             if present[i] and not fin:
-                code[i] |= Code.NONFINITE
+                code[i] |= NONFINITE
             if not good:
                 continue
             # --- running statistics, with finite, positive observations only
             dev = x - lv
             if warm:
-                bound = c.clamp_sigmas * sc
-                rate, step, scale_rate = c.level_alpha, min(max(dev, -bound), bound), c.scale_beta
+                bound = clamp * sc
+                rate, step, scale_rate = level_alpha, min(max(dev, -bound), bound), scale_beta
             else:  # warm-up: mean with the prior
                 rate, step, scale_rate = 1.0 / (cnt + 1.0), dev, 1.0 / (cnt + 2.0)
             if cnt == 0:
                 level[i] = fast[i] = x
             else:
                 level[i] = lv + rate * step
-                scale[i] = max(sc + scale_rate * (abs(step) - sc), c.min_scale)
+                scale[i] = max(sc + scale_rate * (abs(step) - sc), min_scale)
                 # the fast level ignores the excess of a spike, so one spike is not mistaken for growth
-                fast[i] += c.fast_alpha * ((min(x, s_log) if warm else x) - fast[i])
-            maxseen[i] = max(maxseen[i], x)
+                fast[i] += fast_alpha * ((min(x, s_log) if warm else x) - fast[i])
+            if x > maxseen[i]:
+                maxseen[i] = x
             count[i] = cnt + 1.0
-            if cnt + 1.0 >= warmup:
-                peak[i] = max(peak[i], fast[i])
+            if cnt + 1.0 >= warmup and fast[i] > peak[i]:
+                peak[i] = fast[i]
 
         if c.max_norm is not None and finite[0] and norm[0] > c.max_norm:
             code[0] |= Code.CEILING
@@ -301,14 +310,15 @@ class TrendDetector:
         median = layers[(len(layers) - 1) // 2] if layers else math.nan  # the lower median, as torch's
         vanish_ref = list(peak)
         flag_vanish = converged is None or not bool(converged)
+        floor, log_vanish, log_drop, patience = c.vanish_floor, self._log_vanish, self._log_drop, c.vanish_patience
         for i in range(n_series):
-            dead = present[i] and finite[i] and norm[i] <= c.vanish_floor
-            rel = i > 0 and known[i] and median - fast[i] > self._log_vanish
-            drop = known[i] and count[i] >= warmup and peak[i] - fast[i] > self._log_drop
+            dead = present[i] and finite[i] and norm[i] <= floor
+            rel = i > 0 and known[i] and median - fast[i] > log_vanish
+            drop = known[i] and count[i] >= warmup and peak[i] - fast[i] > log_drop
             if rel:
                 vanish_ref[i] = median
             streak[i] = streak[i] + 1.0 if dead or rel or drop else 0.0
-            if flag_vanish and streak[i] >= c.vanish_patience:
+            if flag_vanish and streak[i] >= patience:
                 code[i] |= Code.VANISH | (Code.DEAD if dead else 0) | (Code.REL if rel else 0) | (Code.DROP if drop else 0)
 
         self.flags = functools.reduce(operator.or_, code, 0)

@@ -161,6 +161,15 @@ class LayerPlan:
         return self._memo(("host_present", self._key(positions)),
                           lambda: np.concatenate([[True], self.present_mask(positions)]))
 
+    def host_present_list(self, positions: Sequence[int]) -> list[bool]:
+        """:meth:`host_present` as a list. Cached, read-only."""
+        return self._memo(("host_present_list", self._key(positions)), lambda: self.host_present(positions).tolist())
+
+    @property
+    def host_all_finite_list(self) -> list[bool]:
+        """:attr:`host_all_finite` as a list. Cached, read-only."""
+        return self._memo(("host_all_finite_list",), lambda: [False] * (self.num_layers + 1))
+
     @property
     def host_all_finite(self) -> np.ndarray:
         """All-False ``nonfinite`` series, shared (read-only) by every finite step."""
@@ -453,11 +462,7 @@ def layer_series(
 
     grad = parts["grad"]
     if len(grad) <= _PYTHON_MAX_TENSORS:  # Python floats: no numpy cold start for a few dozen values
-        sums = [0.0] * (n + 1)
-        for j, v in zip(plan.host_index_list(read.positions), grad.tolist()):  # numpy: no sync
-            sums[j] += v * v
-        sums[0] = sum(sums)  # NaN/Inf propagate to the global sum
-        norm = np.sqrt(sums)
+        norm = np.array(_layer_norms(plan, read.positions, grad.tolist()))  # numpy: no sync
     else:
         norm = with_total(np.bincount(index, weights=grad * grad, minlength=n), 0.0)
         norm[0] = norm[1:].sum()  # NaN/Inf propagate to the global sum
@@ -480,6 +485,26 @@ def layer_series(
                     out["weight"][1:], np.finfo(np.float32).tiny)
             out["update_ratio"] = with_total(update, math.nan)
     return out
+
+
+def layer_series_lists(plan: LayerPlan, positions: Sequence[int], grad: list[float]) -> dict[str, list]:
+    """:func:`layer_series` without the optional reads, as Python lists, for up to
+    ``_PYTHON_MAX_TENSORS`` tensors: ``grad`` holds the tensor norms (loss scale divided out).
+    The guard's usual step on a small model: no numpy call at all (each costs microseconds on
+    the cold caches right after the backward pass). The lists are shared: read them only."""
+    norm = _layer_norms(plan, positions, grad)
+    finite = math.isfinite(norm[0])  # NaN/Inf anywhere reach the global sum
+    return {"norm": norm, "present": plan.host_present_list(positions),
+            "nonfinite": plan.host_all_finite_list if finite else [not math.isfinite(x) for x in norm]}
+
+
+def _layer_norms(plan: LayerPlan, positions: Sequence[int], grad: list[float]) -> list[float]:
+    """Global (index 0) and per-layer L2 norms from per-tensor norms, in Python floats."""
+    sums = [0.0] * (plan.num_layers + 1)
+    for j, v in zip(plan.host_index_list(positions), grad):
+        sums[j] += v * v
+    sums[0] = sum(sums)  # NaN/Inf propagate to the global sum
+    return [math.sqrt(x) for x in sums]
 
 
 def layer_sums(

@@ -185,3 +185,23 @@ def test_max_abs_matches_reference_with_nan_inf_and_empty_tensors(dtype, n_same_
     for values in (got, device):
         assert values[0] == 8192.0 and math.isnan(values[1]) and values[3] == 0.0 and values[-1] == math.inf
         assert values == pytest.approx(expected, nan_ok=True)
+
+
+@pytest.mark.parametrize("fault", [None, "nan", "inf"])
+def test_layer_series_lists_equal_layer_series(fault):
+    """The guard's usual step on a small model reads the host copy as Python lists
+    (``layer_series_lists``): the same norms, presence and non-finite flags as ``layer_series``."""
+    from lightning_gradguard.stats import layer_series, layer_series_lists, read_tensors
+
+    m = mixed_grads()
+    m.emb.weight.grad = None  # a parameter without a gradient this step: a subset of the plan
+    if fault:
+        m.body[2].weight.grad[0, 1] = float(fault)
+    plan = LayerPlan.from_named_parameters(m.named_parameters(), only=[p for p in m.parameters() if p.requires_grad])
+    read = read_tensors(plan)
+    host = read.packed.numpy()
+    expected = layer_series(plan, read, host)
+    got = layer_series_lists(plan, read.positions, host.tolist())
+    assert got["present"] == expected["present"].tolist() and got["present"].count(False) >= 1
+    assert got["nonfinite"] == expected["nonfinite"].tolist() and any(got["nonfinite"]) == bool(fault)
+    assert got["norm"] == pytest.approx(expected["norm"].tolist(), nan_ok=True, rel=1e-15)
