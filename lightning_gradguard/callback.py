@@ -312,6 +312,7 @@ class GradGuard(Callback):
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"`prefix` must be a non-empty string such as 'grad/', got {prefix!r}.")
         self.prefix = prefix
+        self._state_key: tuple[str | None, str] = (None, "")  # (prefix, key), see state_key
         sinks = list(sinks or [])
         for sink in sinks:
             if not isinstance(sink, GuardSink):
@@ -350,7 +351,10 @@ class GradGuard(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix)
+        # Lightning reads this on every hook call of every step (for its profiler's label): built once
+        if self._state_key[0] != self.prefix:
+            self._state_key = (self.prefix, self._generate_state_key(prefix=self.prefix))
+        return self._state_key[1]
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

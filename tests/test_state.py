@@ -40,6 +40,8 @@ def test_two_guards_coexist(tmp_path):
     a = GradGuard(prefix="grad/")
     b = GradGuard(prefix="strict/", on_exploding="raise", on_vanishing="raise", on_nonfinite="raise")
     assert a.state_key != b.state_key
+    assert a.state_key == "GradGuard{'prefix': 'grad/'}"  # what checkpoints are keyed by: must never change
+    assert a.state_key is a.state_key  # built once (Lightning reads it on every hook call)
     t = trainer(max_steps=6, callbacks=[a, b], enable_checkpointing=False)
     t.fit(DigitsMLP(), digits_loader())
     path = tmp_path / "two.ckpt"
