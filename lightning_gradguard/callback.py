@@ -1078,6 +1078,8 @@ class GradGuard(Callback):
         unwritten, self._unwritten = self._unwritten, []
         for logger in trainer.loggers:
             shared = self._shared.get(id(logger))
+            if id(logger) in self._failed_loggers:
+                continue  # the guard gave up writing there
             if shared is not None and not shared.broken and id(self) in shared.queues:
                 shared.queues[id(self)] += unwritten
             else:

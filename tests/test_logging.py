@@ -156,9 +156,11 @@ def test_two_guards_two_loggers_and_other_cadences_every_metric_arrives_once(tmp
         assert sorted(int(r["step"]) for r in rows if r["g2/norm_total"]) == [1, 3, 5, 7, 9, 11]
 
 
-def test_a_logger_failing_on_the_guards_keys_still_gets_lightnings_own(tmp_path, caplog):
+@pytest.mark.parametrize("lightning_every, warnings", [(1, 2), (4, 1)])
+def test_a_logger_failing_on_the_guards_keys_still_gets_lightnings_own(tmp_path, caplog, lightning_every, warnings):
     """A shared call that fails (here: because of the guard's keys) is retried with Lightning's
-    metrics alone: training and Lightning's logging go on, the guard stops writing there."""
+    metrics alone: training and Lightning's logging go on, the guard stops writing there. Where
+    the guard's own call failed first (Lightning logs every 4 steps), no shared call is tried."""
     import logging
 
     class FailsOnGrad(CSVLogger):
@@ -169,13 +171,15 @@ def test_a_logger_failing_on_the_guards_keys_still_gets_lightnings_own(tmp_path,
 
     logger = FailsOnGrad(tmp_path)
     with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
-        t = trainer(max_steps=8, logger=logger, log_every_n_steps=1, callbacks=[GradGuard(log_every_n_steps=1)])
-        t.fit(DigitsMLP(), digits_loader())  # logs train_loss every step
+        t = trainer(max_steps=8, logger=logger, log_every_n_steps=lightning_every,
+                    callbacks=[GradGuard(log_every_n_steps=1)])
+        t.fit(DigitsMLP(), digits_loader())  # logs train_loss
     assert t.global_step == 8
     (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
     rows = list(csv.DictReader(open(path)))
-    assert [int(r["step"]) for r in rows if r.get("train_loss")] == list(range(8))
-    assert caplog.text.count("No space left on device") == 2  # the shared call, then the guard's own
+    assert [int(r["step"]) for r in rows if r.get("train_loss")] == list(range(lightning_every - 1, 8, lightning_every))
+    # every 1: the shared call fails, then the guard's own; every 4: the guard's own only
+    assert caplog.text.count("No space left on device") == warnings
     assert "log_metrics" not in vars(logger)
 
 
