@@ -41,7 +41,7 @@ How it measures
 * Alternating blocks (``--alternate N``, default 5): the callback variants
   (``gradguard``, ``gradguard_layers``, ``norm_pass``) also run once each
   with the callback on in every other block of N steps and off in the others
-  (``--alternate-steps``, default 200 measured steps). On and off steps then
+  (``--alternate-steps``, default 400 measured steps). On and off steps then
   share one model, one process and the same minutes of the machine's life;
   the ratio is the median over neighbouring (off, on) block pairs. On a
   shared machine whose speed drifts by 10% between runs, this is the number
@@ -723,7 +723,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alternate", type=int, default=5, metavar="N",
                    help="also measure the callback variants (gradguard, gradguard_layers, norm_pass) in one run each, "
                         "on in every other block of N steps (0: off; default 5)")
-    p.add_argument("--alternate-steps", type=int, default=200, help="measured steps of each alternating run (default 200)")
+    p.add_argument("--alternate-steps", type=int, default=400, help="measured steps of each alternating run (default 400)")
     p.add_argument("--no-prewarm", action="store_true", help="skip the untimed warm-up run per model")
     p.add_argument("--quick", action="store_true", help="smoke test: mlp+few_tensors, 2+5 steps, 1 repeat (<1 min)")
     p.add_argument("--out", help="output path without extension (default benchmarks/results/overhead-<machine-tag>)")

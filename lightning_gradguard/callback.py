@@ -465,7 +465,8 @@ class GradGuard(Callback):
         # kept on the device (no sync here); read with the next step's statistics. Lightning hands
         # callbacks a copy under automatic optimization; a manual training_step returns the user's
         # own tensor, which may be changed in place (or reused by CUDA graphs) before then: copy it
-        loss = loss.detach()
+        if loss.requires_grad:  # Lightning hands callbacks a detached copy under automatic optimization
+            loss = loss.detach()
         if loss.dim():
             loss = loss.reshape(())
         if loss.dtype != torch.float32 or not pl_module.automatic_optimization:
