@@ -344,6 +344,7 @@ class GradGuard(Callback):
         self._pending_losses: list[Tensor] = []
         self._unwritten: list[tuple[int, dict[str, float]]] = []  # (log step, metrics) for the loggers
         self._shared: dict[int, SharedWrite | None] = {}  # id(logger) -> its stand-in (see writes.py)
+        self._callback_metrics: dict | None = None  # the Trainer's live dict, see on_train_start
         self._scaler: Any = None
         self._reduce = None  # cross-rank reduction of partial sums, for sharded strategies
 
@@ -380,6 +381,9 @@ class GradGuard(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the dict behind `trainer.callback_metrics`, kept for the whole fit: reading the property
+        # recomputes Lightning's own metrics (~35 us per logged step on the benchmark CPU)
+        self._callback_metrics = trainer.callback_metrics
         # LR hooks go in before the first step: Lightning runs the training closure (and so this
         # guard's first look at an optimizer) inside optimizer.step, after its pre-hooks ran
         if "reduce_lr" in self.on_nonfinite + self.on_exploding:
@@ -393,6 +397,7 @@ class GradGuard(Callback):
         for scale in self._lr_scales.values():
             scale.remove()  # leave the user's optimizers as they were
         self._lr_scales = {}
+        self._callback_metrics = None
         self._detach_loggers(trainer)
 
     def _detach_loggers(self, trainer: Trainer) -> None:
@@ -1068,7 +1073,9 @@ class GradGuard(Callback):
             self._unwritten[-1][1].update(metrics)  # several optimizers: one call per step
         else:
             self._unwritten.append((log_step, dict(metrics)))
-        trainer.callback_metrics[k("norm_total")] = torch.tensor(norm[0])
+        live = self._callback_metrics if self._callback_metrics is not None else trainer.callback_metrics
+        # for EarlyStopping / ModelCheckpoint monitors; scalar_tensor: 14 us cold where torch.tensor takes 35
+        live[k("norm_total")] = torch.scalar_tensor(norm[0])
         return metrics
 
     def _hand_over(self, trainer: Trainer) -> None:

@@ -239,3 +239,26 @@ def test_one_optimizer_stepping_twice_per_batch_logs_both_steps(tmp_path):
     # the last batch's loss waits for a next step: a copy, not the user's own tensor (which may change in place)
     (pending,) = guard._pending_losses
     assert pending.data_ptr() != model.last_loss.data_ptr() and pending.item() == model.last_loss.item()
+
+
+def test_norm_total_is_monitorable_by_early_stopping_and_model_checkpoint(tmp_path):
+    """``grad/norm_total`` is in ``trainer.callback_metrics`` at every logged step, where
+    ``ModelCheckpoint`` (per train steps) and ``EarlyStopping`` (per epoch) read it."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    seen = []
+
+    class Reader(NormRecorder):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(float(trainer.callback_metrics["grad/norm_total"]))
+
+    rec = Reader()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="grad/norm_total", mode="min", every_n_train_steps=3, save_top_k=1)
+    stop = EarlyStopping(monitor="grad/norm_total", mode="min", patience=100, check_on_train_epoch_end=True)
+    t = trainer(max_epochs=2, max_steps=-1, logger=CSVLogger(tmp_path), log_every_n_steps=1,
+                callbacks=[rec, GradGuard(), ckpt, stop], enable_checkpointing=True)
+    t.fit(DigitsMLP(), digits_loader())  # 16 steps per epoch
+    assert len(seen) == t.global_step == 32
+    assert seen == pytest.approx([rec.total[step] for step in range(32)], rel=1e-5)
+    assert float(ckpt.best_model_score) == pytest.approx(min(seen[2::3]), rel=1e-5)
+    assert float(stop.best_score) == pytest.approx(min(seen[15], seen[31]), rel=1e-5)
