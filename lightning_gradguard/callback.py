@@ -423,12 +423,25 @@ class GradGuard(Callback):
     def _sink_call(self, method: str, trainer: Trainer, *args, **kwargs) -> None:
         """Call ``method`` on every sink; a sink that fails is reported once and switched off."""
         for sink in list(self._active_sinks):
-            try:
-                getattr(sink, method)(self, trainer, *args, **kwargs)
-            except Exception as err:  # noqa: BLE001 - the guard's own failures never stop training
-                self._active_sinks.remove(sink)
-                log.warning("GradGuard: %s.%s failed (%r); that sink is switched off, training goes on",
-                            type(sink).__name__, method, err)
+            self._call_sink(sink, method, trainer, *args, **kwargs)
+
+    def _call_sink(self, sink: GuardSink, method: str, trainer: Trainer, *args, **kwargs) -> None:
+        try:
+            getattr(sink, method)(self, trainer, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - the guard's own failures never stop training
+            self._active_sinks.remove(sink)
+            log.warning("GradGuard: %s.%s failed (%r); that sink is switched off, training goes on",
+                        type(sink).__name__, method, err)
+
+    def _sink_step(self, trainer: Trainer, watch: _Watch, step: int, log_step: int, norms: np.ndarray | list,
+                   metrics: dict | None) -> None:
+        """``on_step`` of every sink: ``norms`` as a list to those that take one (see GuardSink.norms_as_list)."""
+        array = norms if isinstance(norms, np.ndarray) else None
+        for sink in list(self._active_sinks):
+            if array is None and not sink.norms_as_list:
+                array = np.array(norms, dtype=np.float64)
+            self._call_sink(sink, "on_step", trainer, optimizer=watch.index, step=step, log_step=log_step,
+                            layers=watch.plan.layers, norms=norms if sink.norms_as_list else array, metrics=metrics)
 
     def summary(self) -> dict[str, Any]:
         """Counts and facts about the run so far, for run summaries and reports.
@@ -526,9 +539,16 @@ class GradGuard(Callback):
             update_ratio=series.get("update_ratio"),
             worsening=self._loss.worsening(),
             weight_norm=series.get("weight"),
+            lists=True,
         )
         extra = [series[name][None] for name in ("max_abs", "weight") if name in series]
-        host = np.concatenate([report, *extra]) if extra else report
+        if isinstance(report, list) and not (extra or watch.detector.flags or watch.anchor is not None or is_log_step):
+            # the usual healthy step of a small model: findings, responses and sinks need only the
+            # norms; the report stays Python lists (no numpy call)
+            host = None
+        else:
+            report = np.asarray(report, dtype=np.float64)
+            host = np.concatenate([report, *extra]) if extra else report
         watch.counts["steps"] += 1
 
         events = self._findings(watch, host, step)
@@ -537,8 +557,8 @@ class GradGuard(Callback):
         if is_log_step or events:
             metrics = self._log(trainer, watch, host, detail_step, param_step and logging_on, clip_coef, log_step)
         if self._active_sinks:
-            self._sink_call("on_step", trainer, optimizer=watch.index, step=step, log_step=log_step,
-                            layers=watch.plan.layers, norms=host[Row.NORM], metrics=metrics)
+            self._sink_step(trainer, watch, step, log_step, host[Row.NORM] if host is not None else report[Row.NORM],
+                            metrics)
             for event in events:
                 self._sink_call("on_event", trainer, event)
         for event in events:
@@ -587,10 +607,12 @@ class GradGuard(Callback):
         if read is None:
             self._pending_losses = losses
             return None
-        host = read.packed.cpu().numpy()  # sync: the only one per step
         # the usual step of a small model: Python lists from here on, no numpy call (see layer_series_lists)
         lists = len(read.names) == 1 and not watch.detector.vectorized and len(read.positions) <= _PYTHON_MAX_TENSORS
-        values = host.tolist() if lists else None  # numpy: no sync
+        if lists:
+            values, host = read.packed.tolist(), None  # sync: the only one per step (one copy, to floats)
+        else:
+            host = read.packed.cpu().numpy()  # sync: the only one per step
         if not extra:
             tail = []
         else:

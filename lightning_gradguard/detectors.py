@@ -208,7 +208,9 @@ class TrendDetector:
         update_ratio=None,
         worsening: bool | None = None,
         weight_norm=None,
-    ) -> np.ndarray:
+        *,
+        lists: bool = False,
+    ) -> np.ndarray | list[list[float]]:
         """Consume one step's norms (``[S]``) and return the ``[REPORT_ROWS, S]`` float64 report.
 
         Arrays may be numpy arrays, sequences or CPU tensors. ``present`` marks
@@ -218,14 +220,17 @@ class TrendDetector:
         as exploding while it holds, since norms also grow in healthy phases,
         sharpening logits, LR warm-up, while the loss falls) are booleans or
         ``None`` (unknown); ``update_ratio`` and ``weight_norm`` are per
-        series, NaN where unknown.
+        series, NaN where unknown. ``lists``: in the Python-float mode (not
+        :attr:`vectorized`), return the report as ``REPORT_ROWS`` lists, valid
+        until the next update (some are the live state): no numpy call at all.
         """
         if not self.vectorized:
-            return self._update_scalar(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
+            rows = self._update_scalar(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
+            return rows if lists else np.array(rows, dtype=np.float64)
         with np.errstate(all="ignore"):  # NaN/Inf are data here (a NaN norm is a finding, not an error)
             return self._update(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
 
-    def _update_scalar(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm) -> np.ndarray:
+    def _update_scalar(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm) -> list[list]:
         """:meth:`_update`, series by series in Python floats (the same rules, line for line)."""
         c, n_series, isfinite = self.config, self.num_series, math.isfinite
         # lists are read as they are (the guard's usual step passes lists: no numpy call)
@@ -296,9 +301,10 @@ class TrendDetector:
 
         # --- growth of the fast level over the window (ring of past fast levels)
         w = c.growth_window
-        self.ring[self.steps % w] = fast
+        ring = st["ring"]  # a list of rows in this mode; a row is replaced, never changed
+        ring[self.steps % w] = list(fast)
         self.steps += 1
-        base = (self.ring[self.steps % w] if self.steps >= w else self.ring[0]).tolist()
+        base = ring[self.steps % w] if self.steps >= w else ring[0]
         if min(self.steps - 1, w - 1) >= c.growth_min_steps and (worsening is None or bool(worsening)):
             for i in range(n_series):
                 if ok[i] and fast[i] - base[i] > self._log_growth:
@@ -322,8 +328,8 @@ class TrendDetector:
                 code[i] |= Code.VANISH | (Code.DEAD if dead else 0) | (Code.REL if rel else 0) | (Code.DROP if drop else 0)
 
         self.flags = functools.reduce(operator.or_, code, 0)
-        return np.array([code, norm, level_before, scale_before, spike_at, fast, base, vanish_ref, streak, ratio_row,
-                         grad_weight], dtype=np.float64)
+        return [code, norm, level_before, scale_before, spike_at, fast, base, vanish_ref, streak, ratio_row,
+                grad_weight]
 
     def _update(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm) -> np.ndarray:
         # Host numpy on [S] vectors: the cost is ~1 us per call, whatever S, so the steady state
@@ -447,6 +453,7 @@ class TrendDetector:
     maxseen = _series_property("maxseen")  # largest log10 norm seen
     peak = _series_property("peak")  # highest fast level after warm-up
     streak = _series_property("streak")  # consecutive steps the vanishing condition held
+    ring = _series_property("ring")  # [growth_window, S] past fast levels (a list of rows in Python mode)
 
     def clip_threshold(self, report: np.ndarray) -> float:
         """The global norm this step is clipped to: the spike threshold, or ``max_norm`` (inf: no clipping)."""

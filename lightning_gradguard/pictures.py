@@ -148,11 +148,12 @@ class FlowHistory:
         self._fold()
         return self._latest_step
 
-    def add(self, step: int, norms: np.ndarray) -> None:
+    def add(self, step: int, norms: np.ndarray | list[float]) -> None:
         """Add one optimizer step's norms (global first, then layers); a copy is kept."""
-        norms = np.array(norms, dtype=np.float64).reshape(-1)
-        if norms.shape[0] != self.rows:
-            raise ValueError(f"expected {self.rows} norms (global + {len(self.layers)} layers), got {norms.shape[0]}")
+        # a list is kept as a list (no numpy call until the fold)
+        norms = list(norms) if type(norms) is list else np.array(norms, dtype=np.float64).reshape(-1)
+        if len(norms) != self.rows:
+            raise ValueError(f"expected {self.rows} norms (global + {len(self.layers)} layers), got {len(norms)}")
         self._pending.append((int(step), norms))
         self.steps_seen += 1
         if len(self._pending) >= self._FOLD_EVERY:
@@ -169,7 +170,7 @@ class FlowHistory:
             return
         pending, self._pending = self._pending, []
         steps = [step for step, _ in pending]
-        block = np.stack([norms for _, norms in pending])  # steps x rows
+        block = np.array([norms for _, norms in pending], dtype=np.float64)  # steps x rows
         with np.errstate(all="ignore"):  # NaN/Inf/0 are counted below, not logged
             logs = np.log10(block)
         usual = bool(np.isfinite(logs).all())  # every norm finite and positive
@@ -199,7 +200,7 @@ class FlowHistory:
                 self._zero[:, col] += zero[rows].sum(axis=0)
             self._folded += take
             k += take
-        self._latest, self._latest_step = pending[-1][1], steps[-1]
+        self._latest, self._latest_step = block[-1].copy(), steps[-1]
 
     def _merge_pairs(self) -> None:
         """Halve the columns in use: column j becomes old columns 2j and 2j + 1; the stride doubles."""
@@ -268,7 +269,7 @@ class FlowRecorder:
         self.log_steps.clear()
         self._published_at.clear()
 
-    def add(self, optimizer: int, step: int, log_step: int, layers: Sequence[str], norms: np.ndarray) -> bool:
+    def add(self, optimizer: int, step: int, log_step: int, layers: Sequence[str], norms: np.ndarray | list[float]) -> bool:
         """Record a step; return whether a picture of this optimizer is due now."""
         history = self.histories.get(optimizer)
         if history is None or history.layers != tuple(layers):
@@ -609,6 +610,8 @@ class PicturesSink(GuardSink):
             summary through every non-W&B logger as ``<prefix>summary/<key>``
             metrics (the W&B sink writes the W&B run summary instead).
     """
+
+    norms_as_list = True  # they go into a FlowHistory, which takes lists
 
     def __init__(
         self,

@@ -25,6 +25,11 @@ __all__ = ["GuardSink"]
 class GuardSink:
     """Base class: override what you need; every method is optional."""
 
+    #: ``True``: :meth:`on_step` may get ``norms`` as a list of floats (on the usual step of a
+    #: small model the guard holds them so, and making an array costs a cold numpy call right
+    #: after the backward pass); ``False`` (the default): always a numpy array.
+    norms_as_list = False
+
     def setup(self, guard: GradGuard, trainer: Trainer) -> None:
         """Once, when fitting starts (rank 0)."""
 
@@ -43,7 +48,8 @@ class GuardSink:
         """Every optimizer step.
 
         ``norms`` holds the global norm then one per layer (``layers``), 0 for
-        layers without gradients, NaN/Inf where they are non-finite; ``step`` is
+        layers without gradients, NaN/Inf where they are non-finite (a numpy
+        array, or a list if :attr:`norms_as_list`; read it, do not keep it); ``step`` is
         ``trainer.global_step``, ``log_step`` the step Lightning logs at;
         ``metrics`` is what went to the loggers this step, ``None`` on steps
         that were not logged.

@@ -56,8 +56,19 @@ def test_one_host_sync_per_step_in_a_real_trainer(tmp_path, log_layers):
     trainer(max_steps=8, logger=CSVLogger(tmp_path), callbacks=[guard]).fit(DigitsMLP(depth=8), digits_loader())
     assert len(guard.syncs_per_step) == 8
     for where in guard.syncs_per_step:
-        # exactly the one commented `.cpu()`; `.numpy()` then reads that host copy in place
-        assert where == ["cpu", "numpy"], where
+        # exactly the one commented copy: `.cpu()` (then `.numpy()` reads that host copy in place), or
+        # on the usual step of a small model `.tolist()` (straight to Python floats)
+        assert where in (["cpu", "numpy"], ["tolist"]), where
+    # detail_every_n_steps=1: every step reads max |g| and weights too, so the numpy form
+    assert all(where == ["cpu", "numpy"] for where in guard.syncs_per_step)
+
+
+def test_one_host_sync_on_the_usual_step_of_a_small_model(tmp_path):
+    guard = CountingGuard()  # Lightning's cadence, details every 50 steps
+    trainer(max_steps=30, callbacks=[guard]).fit(DigitsMLP(depth=8), digits_loader())
+    # warm-up steps read weight norms too (the grad/weight ratio check): the numpy form
+    assert guard.syncs_per_step[:10] == [["cpu", "numpy"]] * 10
+    assert guard.syncs_per_step[10:] == [["tolist"]] * 20
 
 
 def test_device_statistics_never_sync():
@@ -121,3 +132,27 @@ def test_a_sparse_gradient_among_stacked_tensors_falls_back_to_the_general_path(
     torch.testing.assert_close(grad_stats(plan).norm, expected)
     read = read_tensors(plan)
     torch.testing.assert_close(torch.from_numpy(layer_series(plan, read, read.packed.numpy())["norm"][1:]).float(), expected)
+
+
+def test_sinks_get_arrays_unless_they_take_lists():
+    """On the usual step of a small model the guard holds the norms as a list: sinks that say they
+    take lists (the W&B and pictures sinks) get it as it is, every other sink a numpy array."""
+    import numpy as np
+
+    from lightning_gradguard import GuardSink
+
+    class Keeps(GuardSink):
+        def __init__(self):
+            self.got = []
+
+        def on_step(self, guard, trainer, *, norms, **kwargs):
+            self.got.append((type(norms), list(norms)))
+
+    class TakesLists(Keeps):
+        norms_as_list = True
+
+    arrays, lists = Keeps(), TakesLists()
+    trainer(max_steps=30, callbacks=[GradGuard(sinks=[arrays, lists])]).fit(DigitsMLP(depth=8), digits_loader())
+    assert [t for t, _ in arrays.got] == [np.ndarray] * 30
+    assert [t for t, _ in lists.got] == [np.ndarray] * 10 + [list] * 20  # warm-up steps read weights: arrays
+    assert [v for _, v in arrays.got] == [v for _, v in lists.got]

@@ -83,9 +83,10 @@ def test_history_folding_in_batches_matches_folding_every_step(max_columns):
         norms = 10.0 ** rng.normal(0, 2, 4)
         if rng.random() < 0.05:
             norms[rng.integers(4)] = rng.choice([np.nan, np.inf, 0.0])
-        batched.add(step, norms)
+        given = norms.tolist() if step % 2 else norms  # the guard hands lists on its usual step
+        batched.add(step, given)
         each.add(step, norms)
-        norms[:] = -1.0  # the caller's vector may change afterwards: a copy was kept
+        given[:] = [-1.0] * 4  # the caller's vector may change afterwards: a copy was kept
         if rng.random() < 0.02:
             batched.add_event(step, "exploding", "b")
             each.add_event(step, "exploding", "b")

@@ -179,6 +179,8 @@ class WandbSink(GuardSink):
         histogram_bins: bins per histogram (1..512).
     """
 
+    norms_as_list = True  # they go into a FlowHistory, which takes lists
+
     def __init__(
         self,
         alert_window_s: float = 600.0,
