@@ -396,19 +396,25 @@ class Alternating(Callback):
     def __init__(self, inner: list[Callback], block: int) -> None:
         self.inner, self.block = inner, block
         self.step_flags: list[bool] = []  # per step (on?), from its on_train_batch_start
+        self.hook_ms: list[float] = []  # per step: time spent in the inner callbacks' per-step hooks
 
     def __getattribute__(self, name: str):
         if name.startswith("on_") or name in ("setup", "teardown"):
             inner, flags = object.__getattribute__(self, "inner"), object.__getattribute__(self, "step_flags")
-            record = name == "on_train_batch_start"
+            hook_ms = object.__getattribute__(self, "hook_ms")
+            record, toggled = name == "on_train_batch_start", name in TOGGLED_HOOKS
 
             def forward(*args, **kwargs):
                 if record:
                     flags.append((len(flags) // object.__getattribute__(self, "block")) % 2 == 1)
-                if name in TOGGLED_HOOKS and not (flags and flags[-1]):
+                    hook_ms.append(0.0)
+                if toggled and not (flags and flags[-1]):
                     return None
+                start = time.perf_counter()
                 for cb in inner:
                     getattr(cb, name)(*args, **kwargs)
+                if toggled and hook_ms:
+                    hook_ms[-1] += (time.perf_counter() - start) * 1e3
                 return None
 
             return forward
@@ -457,6 +463,7 @@ def run_alternating(model_name: str, variant: str, pool: list, args) -> dict:
              if not a[0] and b[0] and len(a[1]) == len(b[1]) == args.alternate]
     on = [ms for flag, ms in zip(flags, periods) if flag]
     off = [ms for flag, ms in zip(flags, periods) if not flag]
+    in_hooks = [ms for flag, ms in zip(flags, alternating.hook_ms[warmup : warmup + len(periods)]) if flag]
     del trainer, module, spec, logger
     gc.collect()
     if not pairs:
@@ -464,6 +471,7 @@ def run_alternating(model_name: str, variant: str, pool: list, args) -> dict:
     return {
         "model": model_name, "variant": variant, "pairs": len(pairs), "steps_on": len(on), "steps_off": len(off),
         "median_on_ms": statistics.median(on), "median_off_ms": statistics.median(off),
+        "hook_ms": statistics.median(in_hooks),
         "ratio": statistics.median(b / a for a, b in pairs),
         "added_ms": statistics.median(b - a for a, b in pairs),
         "ratio_p25": _quantile([b / a for a, b in pairs], 0.25), "ratio_p75": _quantile([b / a for a, b in pairs], 0.75),
@@ -581,17 +589,20 @@ def render_markdown(meta: dict, table: list[dict], comparisons: list[dict], alte
             f"in every other block of {meta['alternate']} steps and off in the others, so both kinds of steps share "
             "the model, the process and the same minutes of the machine's life (on this shared 2-core machine the "
             "separate runs below differ by up to 10% between repeats of the *same* variant). ratio = median over "
-            "neighbouring (off, on) block pairs of median on-step / median off-step time; +ms likewise.", "",
-            "| model | variant | ratio (on / off) | +ms/step | ratio IQR over pairs | median on ms | median off ms | block pairs |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "neighbouring (off, on) block pairs of median on-step / median off-step time; +ms likewise. in-hook ms = "
+            "median over the on-steps of the time spent inside the callback's own per-step hooks (its direct cost, "
+            "steadier than a difference of step times; it misses what the callback does to the caches of the work "
+            "around it).", "",
+            "| model | variant | ratio (on / off) | +ms/step | ratio IQR over pairs | in-hook ms | median on ms | median off ms | block pairs |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in alternating:
             if "ratio" not in r:
-                lines.append(f"| {r['model']} | {r['variant']} | {r.get('error', 'failed')} | | | | | |")
+                lines.append(f"| {r['model']} | {r['variant']} | {r.get('error', 'failed')} | | | | | | |")
                 continue
             lines.append(f"| {r['model']} | {r['variant']} | {fmt(r['ratio'], 3)} | {fmt(r['added_ms'])} | "
-                         f"{fmt(r['ratio_p25'], 3)}–{fmt(r['ratio_p75'], 3)} | {fmt(r['median_on_ms'])} | "
-                         f"{fmt(r['median_off_ms'])} | {r['pairs']} |")
+                         f"{fmt(r['ratio_p25'], 3)}–{fmt(r['ratio_p75'], 3)} | {fmt(r.get('hook_ms'), 3)} | "
+                         f"{fmt(r['median_on_ms'])} | {fmt(r['median_off_ms'])} | {r['pairs']} |")
         if alt_comparisons:
             lines += ["", "many_tensors (2,000 tensors) vs few_tensors (20 tensors), alternating runs, added ms per step "
                       "(target for GradGuard: within 2x):", "",
@@ -850,7 +861,8 @@ def main(argv: list[str] | None = None) -> dict:
                 row.setdefault("model", model_name)
                 row.setdefault("variant", v)
                 alternating.append(row)
-                msg = row.get("error") or f"ratio {row['ratio']:.3f} (+{row['added_ms']:.2f} ms) over {row['pairs']} block pairs"
+                msg = row.get("error") or (f"ratio {row['ratio']:.3f} (+{row['added_ms']:.2f} ms, in hooks {row['hook_ms']:.3f} ms) "
+                                           f"over {row['pairs']} block pairs")
                 print(f"  {model_name:<13} {v:<17} {msg}  [{time.perf_counter() - t0:.1f} s]", flush=True)
 
     comparisons = compare_many_few(table, cpu=args.device == "cpu")

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 
 from lightning.pytorch.callbacks import Callback
 
@@ -28,6 +29,7 @@ class Counting(Callback):
 
     def on_before_optimizer_step(self, trainer, *args):
         self._seen("on_before_optimizer_step", trainer)
+        time.sleep(0.002)  # a known cost, for the in-hook time
 
     def on_train_batch_end(self, trainer, *args):
         self._seen("on_train_batch_end", trainer)
@@ -48,3 +50,7 @@ def test_alternating_runs_per_step_hooks_only_in_on_blocks_and_everything_else_a
     assert inner.calls["on_before_optimizer_step"] == on
     assert inner.calls["on_train_batch_end"] == [s + 1 for s in on]  # global_step has advanced by then
     assert len(inner.calls["setup"]) == len(inner.calls["on_train_start"]) == len(inner.calls["on_train_end"]) == 1
+    # time inside the inner callback's per-step hooks, per step: only on-steps spend any
+    assert len(wrapper.hook_ms) == 12
+    assert all(ms == 0.0 for ms, on_step in zip(wrapper.hook_ms, wrapper.step_flags) if not on_step)
+    assert all(ms >= 2.0 for ms, on_step in zip(wrapper.hook_ms, wrapper.step_flags) if on_step)
