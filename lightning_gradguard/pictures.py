@@ -110,7 +110,7 @@ class FlowHistory:
         self.steps_seen = 0  # steps added, folded or not
         self._stride = 1  # optimizer steps per column
         self._folded = 0  # steps folded into the columns
-        self._pending: list[tuple[int, np.ndarray]] = []  # (step, norms) added since the last fold
+        self._pending: list[tuple[int, np.ndarray | list[float]]] = []  # (step, norms) added since the last fold
         self._log_sum = np.zeros((rows, max_columns), np.float64)
         self._finite = np.zeros((rows, max_columns), np.int32)  # finite, non-zero norms per cell
         self._nonfinite = np.zeros((rows, max_columns), np.int32)
