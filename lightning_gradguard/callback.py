@@ -483,7 +483,7 @@ class GradGuard(Callback):
         # kept on the device (no sync here); read with the next step's statistics. Lightning hands
         # callbacks a copy under automatic optimization; a manual training_step returns the user's
         # own tensor, which may be changed in place (or reused by CUDA graphs) before then: copy it
-        if loss.requires_grad:  # Lightning hands callbacks a detached copy under automatic optimization
+        if loss.requires_grad:  # a manual training_step's own tensor
             loss = loss.detach()
         if loss.dim():
             loss = loss.reshape(())

@@ -234,7 +234,7 @@ class TrendDetector:
         """:meth:`_update`, series by series in Python floats (the same rules, line for line)."""
         c, n_series, isfinite = self.config, self.num_series, math.isfinite
         # lists are read as they are (the guard's usual step passes lists: no numpy call)
-        norm = norm if type(norm) is list else _host(norm).tolist()
+        norm = norm if type(norm) is list else _host(norm).tolist()  # numpy (host arrays only): no sync
         present = present if type(present) is list else _host(present, bool).tolist()
         nonfinite = nonfinite if type(nonfinite) is list else _host(nonfinite, bool).tolist()
         st = self._series_state  # Python lists in this mode, updated in place

@@ -163,7 +163,8 @@ class LayerPlan:
 
     def host_present_list(self, positions: Sequence[int]) -> list[bool]:
         """:meth:`host_present` as a list. Cached, read-only."""
-        return self._memo(("host_present_list", self._key(positions)), lambda: self.host_present(positions).tolist())
+        return self._memo(("host_present_list", self._key(positions)),
+                          lambda: self.host_present(positions).tolist())  # numpy: no sync
 
     @property
     def host_all_finite_list(self) -> list[bool]:
