@@ -21,11 +21,14 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from lightning_gradguard.stats import local_shards
+
 __all__ = ["LRScale", "Snapshots", "clip_", "skip_"]
 
 
 def _grads(params: Iterable[torch.nn.Parameter]) -> list[Tensor]:
-    return [p.grad for p in params if p.grad is not None]
+    """The gradients held, a DTensor's (FSDP2, tensor parallelism) as its local shard: changed in place."""
+    return local_shards([p.grad for p in params if p.grad is not None])
 
 
 def clip_(params: Iterable[torch.nn.Parameter], coef: Tensor) -> None:

@@ -650,6 +650,8 @@ class GradGuard(Callback):
         if watch is None:
             params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
             plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), depth=self.group_depth, only=params)
+            if plan.dtensor and self._reduce is None:  # sharded by a strategy not known by name (FSDP2 by hand)
+                self._reduce = self._all_reduce(trainer, sharded=True)
             detector = TrendDetector(self.config, plan.num_layers + 1)
             watch = _Watch(index, plan, detector)
             watch.device = params[0].device if params else torch.device("cpu")
@@ -680,12 +682,13 @@ class GradGuard(Callback):
         return per_group[watch.group_index]
 
     @staticmethod
-    def _all_reduce(trainer: Trainer):
-        """For strategies whose ranks hold gradient *shards* (FSDP, DeepSpeed, model parallel):
-        combine the per-layer partial sums across ranks, so every rank computes the same numbers
-        and so takes the same decisions (a rank acting alone would hang the others).
-        Under DDP the gradients are already identical on every rank after the all-reduce."""
-        if trainer.world_size <= 1 or not _is_sharded(trainer.strategy):
+    def _all_reduce(trainer: Trainer, sharded: bool = False):
+        """For strategies whose ranks hold gradient *shards* (FSDP, DeepSpeed, model parallel; or
+        ``sharded``: the parameters are DTensors): combine the per-layer partial sums across ranks,
+        so every rank computes the same numbers and so takes the same decisions (a rank acting
+        alone would hang the others). Under DDP the gradients are already identical on every rank
+        after the all-reduce."""
+        if trainer.world_size <= 1 or not (sharded or _is_sharded(trainer.strategy)):
             return None
         import torch.distributed as dist
 

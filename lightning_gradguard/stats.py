@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +146,20 @@ class LayerPlan:
     def uniform(self) -> bool:
         """All parameters on one device with one dtype (so are their gradients)."""
         return self._memo(("uniform",), lambda: len({(p.device, p.dtype) for p in self.params}) <= 1)
+
+    @property
+    def dtensor(self) -> bool:
+        """Some parameters are DTensors (FSDP2's ``fully_shard``, tensor parallelism): their gradients
+        are read through their local shards (see :func:`local_shards`)."""
+        return self._memo(("dtensor",), lambda: _dtensor_class() is not None and any(
+            isinstance(p, _dtensor_class()) for p in self.params))
+
+    def shares(self, positions: Sequence[int], device: torch.device) -> Tensor:
+        """Float32 per parameter at ``positions``, on ``device``: the share of its local sum of squares
+        this rank adds to an all-reduce sum over every rank, so that each element counts once
+        (see :func:`shard_share`). Cached."""
+        return self._memo(("shares", self._key(positions), device), lambda: torch.tensor(
+            [shard_share(self.params[i]) for i in positions], dtype=torch.float32, device=device))
 
     def present_mask(self, positions: Sequence[int]) -> np.ndarray:
         """Host bool per layer: does any parameter in ``positions`` belong to it? Cached, read-only."""
@@ -375,13 +390,51 @@ class LayerSums:
 
 
 def _present_grads(plan: LayerPlan) -> tuple[list[Tensor], list[int]]:
-    """The gradients the plan's parameters hold, and their positions in the plan."""
+    """The gradients the plan's parameters hold (a DTensor's as its local shard), and their positions in the plan."""
     # C-level loops (map/attrgetter): this runs over every parameter every step
     grads, positions = list(map(_GRAD, plan.params)), plan.all_positions
     if any(map(_IS_NONE, grads)):  # frozen in this step, unused branch: measure those that have one
         positions = [i for i, g in enumerate(grads) if g is not None]
         grads = [g for g in grads if g is not None]
+    if plan.dtensor:
+        grads = local_shards(grads)
     return grads, positions
+
+
+def _dtensor_class() -> type | None:
+    """``torch.distributed.tensor.DTensor`` once something imported it (FSDP2, tensor parallelism),
+    else ``None``: no DTensor can exist before its module is imported, and importing it here
+    would cost every user a fraction of a second."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def local_shards(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Each DTensor (FSDP2's ``fully_shard``, tensor parallelism) as the shard this rank holds,
+    other tensors as they are. The shard is the DTensor's own local tensor, not a copy: an
+    in-place change to it (clipping) changes the DTensor."""
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return list(tensors)
+    with torch.no_grad():  # to_local() is then the local tensor itself, no autograd node
+        return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
+
+
+def shard_share(tensor: Tensor) -> float:
+    """What a rank's sum of squares of ``tensor``'s local shard is weighted by, so that summing
+    over every rank of the default process group counts each element once: the number of
+    distinct shards over the world size (a DTensor sharded over 2 of 4 ranks and replicated over
+    the other 2: 2 / 4). 1 for a plain tensor: each rank's is taken to be its own piece (FSDP1's
+    flat shards). A ``Partial`` placement (values still to be summed across ranks) is counted as
+    a shard: the result is then not exact, FSDP2 and tensor parallelism hand the optimizer none."""
+    dtensor = _dtensor_class()
+    if dtensor is None or not isinstance(tensor, dtensor):
+        return 1.0
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    mesh = tensor.device_mesh
+    distinct = math.prod(mesh.size(d) for d, p in enumerate(tensor.placements) if not p.is_replicate())
+    return distinct / world
 
 
 @dataclass
@@ -424,9 +477,10 @@ def read_tensors(
         reads.append(("max_abs", grads, math.inf))
     if param_norms:
         weights = plan.params if len(positions) == len(plan.params) else [plan.params[i] for i in positions]
-        reads.append(("weight", list(weights), 2.0))
+        reads.append(("weight", local_shards(weights) if plan.dtensor else list(weights), 2.0))
     names = tuple(name for name, _, _ in reads)
-    stacking = plan.stacking(positions) if device.type == "cpu" else None
+    # planned from the parameters' shapes; a DTensor's local shard has another
+    stacking = plan.stacking(positions) if device.type == "cpu" and not plan.dtensor else None
     with torch.no_grad():  # read in place: no per-tensor detach(), no autograd graph
         if stacking is None and plan.uniform:
             try:  # the usual case: one foreach pass per read, one stack for everything
@@ -529,26 +583,34 @@ def layer_sums(
     device = grads[0].device
     index = plan.index(None if len(positions) == len(plan.params) else positions, device)
     uniform = plan.uniform  # one device, one dtype: a gradient always has its parameter's
-    stacking = plan.stacking(positions) if device.type == "cpu" and not placeholder else None
+    # stacking is planned from the parameters' shapes; a DTensor's local shard has another
+    stacking = plan.stacking(positions) if device.type == "cpu" and not placeholder and not plan.dtensor else None
+    # DTensors: each rank's sums of squares weighted so the all-reduce counts replicas once
+    share = plan.shares(positions, device) if plan.dtensor and not placeholder else None
 
     tensor_norm = _tensor_norms(grads, 2.0, device, uniform, stacking)
     if grad_scale is not None:
         tensor_norm = tensor_norm / grad_scale.to(device=device, dtype=torch.float32)
     zeros = torch.zeros(plan.num_layers, dtype=torch.float32, device=device)
+
+    def squares(norms: Tensor) -> Tensor:
+        return norms.square() if share is None else norms.square() * share
+
     # a NaN/Inf anywhere in a tensor makes its norm, and so its layer's sum of squares, NaN/Inf
-    sums = [zeros.index_add(0, index, tensor_norm.square())]
+    sums = [zeros.index_add(0, index, squares(tensor_norm))]
     if all_reduce is not None:  # which layers hold gradients differs between ranks: count them
         sums.append(zeros.index_add(0, index, torch.full_like(tensor_norm, 0.0 if placeholder else 1.0)))
     if param_norms:
         weights = plan.params if len(positions) == len(plan.params) else [plan.params[i] for i in positions]
+        weights = local_shards(weights) if plan.dtensor else list(weights)
         with torch.no_grad():  # read in place: no per-tensor detach(), no autograd graph
-            w_norm = _tensor_norms(list(weights), 2.0, device, uniform, stacking)
-        sums.append(zeros.index_add(0, index, w_norm.square()))
+            w_norm = _tensor_norms(weights, 2.0, device, uniform, stacking)
+        sums.append(zeros.index_add(0, index, squares(w_norm)))
         if lrs is not None:
             lr = lrs if isinstance(lrs, Tensor) else torch.tensor(list(lrs), dtype=torch.float32, device=device)
             if len(positions) != len(plan.params):
                 lr = lr[plan.positions(positions, device)]
-            sums.append(zeros.index_add(0, index, (lr.to(device, torch.float32) * tensor_norm).square()))
+            sums.append(zeros.index_add(0, index, squares(lr.to(device, torch.float32) * tensor_norm)))
     if all_reduce is not None:
         sums = list(all_reduce(torch.stack(sums), "sum").unbind())
     out = LayerSums(sums.pop(0), sums.pop(0) if all_reduce is not None else plan.present_mask(positions), positions)
