@@ -422,10 +422,11 @@ def local_shards(tensors: Sequence[Tensor]) -> list[Tensor]:
 def shard_share(tensor: Tensor) -> float:
     """What a rank's sum of squares of ``tensor``'s local shard is weighted by, so that summing
     over every rank of the default process group counts each element once: the number of
-    distinct shards over the world size (a DTensor sharded over 2 of 4 ranks and replicated over
-    the other 2: 2 / 4). 1 for a plain tensor: each rank's is taken to be its own piece (FSDP1's
-    flat shards). A ``Partial`` placement (values still to be summed across ranks) is counted as
-    a shard: the result is then not exact, FSDP2 and tensor parallelism hand the optimizer none."""
+    distinct shards over the world size (HSDP on a 2 x 2 mesh, replicated along one dimension and
+    sharded along the other: 2 / 4). Ranks outside the DTensor's mesh are taken to hold copies
+    (not so under pipeline parallelism). 1 for a plain tensor: each rank's is taken to be its own
+    piece (FSDP1's flat shards). A ``Partial`` placement (values still to be summed across ranks)
+    is counted as a shard, which is not exact; FSDP2 hands the optimizer ``Shard`` gradients."""
     dtensor = _dtensor_class()
     if dtensor is None or not isinstance(tensor, dtensor):
         return 1.0
