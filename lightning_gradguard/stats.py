@@ -46,7 +46,7 @@ from torch import Tensor
 
 __all__ = [
     "GradStats", "LayerPlan", "LayerSums", "PackedRead", "grad_stats", "layer_name", "layer_series", "layer_sums",
-    "read_tensors",
+    "local_shards", "read_tensors", "shard_share",
 ]
 
 _ROOT = "(root)"
