@@ -235,8 +235,8 @@ class TrendDetector:
         c, n_series, isfinite = self.config, self.num_series, math.isfinite
         # lists are read as they are (the guard's usual step passes lists: no numpy call)
         norm = norm if type(norm) is list else _host(norm).tolist()  # numpy (host arrays only): no sync
-        present = present if type(present) is list else _host(present, bool).tolist()
-        nonfinite = nonfinite if type(nonfinite) is list else _host(nonfinite, bool).tolist()
+        present = present if type(present) is list else _host(present, bool).tolist()  # no sync
+        nonfinite = nonfinite if type(nonfinite) is list else _host(nonfinite, bool).tolist()  # no sync
         st = self._series_state  # Python lists in this mode, updated in place
         count, level, scale, fast = st["count"], st["level"], st["scale"], st["fast"]
         maxseen, peak, streak = st["maxseen"], st["peak"], st["streak"]
