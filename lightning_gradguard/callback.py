@@ -164,7 +164,8 @@ class GradGuard(Callback):
         lr_min_scale: ...down to this fraction of the schedule's value.
         lr_recover_after: if set, after this many healthy steps the scale is
             divided by ``lr_factor`` again (gradually, back up to 1).
-        rollback_every: ``"rollback"`` takes a snapshot every this many healthy steps...
+        rollback_every: ``"rollback"`` takes a snapshot every this many healthy steps
+            (and at the first healthy step that has none: the start, a resume, a new param group)...
         rollback_keep: ...keeps this many (host memory: ``rollback_keep`` x
             (weights + optimizer state))...
         rollback_margin: ...restores the newest one at least this many steps
@@ -173,9 +174,10 @@ class GradGuard(Callback):
             weights: nothing to undo); a second one in a row, sustained growth
             or a gradient/weight-ratio alarm means damage and rolls back. With
             ``"reduce_lr"``, a rollback also brings the effective LR back to at
-            most what the restored snapshot trained with (undoing an LR jump)...
+            most what the restored snapshot trained with (undoing an LR jump).
+            Where nothing is old enough to restore, the step is skipped instead...
         max_rollbacks: ...and stops training after this many rollbacks in a
-            row that did not help.
+            row that did not help (the step that finds them exhausted is skipped).
         prefix: prefix of every logged key.
         sinks: extra :class:`~lightning_gradguard.sinks.GuardSink` objects that
             receive every step's norms, the logged metrics, events and the end
@@ -868,6 +870,11 @@ class GradGuard(Callback):
             damage = bad_before > 0 or any(e.reason in _DAMAGE for e in events)
             if damage:
                 taken["rollback"] = self._rollback(trainer, pl_module, optimizer, watch, step, events)
+                # no snapshot old enough (the first steps, after a resume or a new param group) or
+                # rollbacks exhausted: nothing to restore, but this step's gradients are still bad
+                taken["skip"] = not taken["rollback"]
+                if not taken["rollback"] and watch.rollbacks_in_a_row >= self.max_rollbacks:  # retrying does not help
+                    taken["stop"] = f"{watch.rollbacks_in_a_row} rollbacks in a row did not help: max_rollbacks"
             else:
                 # a lone bad step: its gradient has not reached the weights, so there is nothing to undo;
                 # dropping it is enough. A second bad step in a row means damage: then roll back
@@ -889,22 +896,22 @@ class GradGuard(Callback):
             watch.healthy_since = step + 1
         if self.max_consecutive_skips is not None and watch.skip_streak >= self.max_consecutive_skips:
             # skipping cannot repair weights that are already broken: end the run instead of idling
-            taken["stop"] = True
+            taken["stop"] = f"{watch.skip_streak} steps skipped in a row: max_consecutive_skips"
 
         final = []
         for e in events:
             acts = [a for a in configured[e.kind] if a in ("log", "stop", "raise") or taken.get(a)]
             if e.reason == "amp_overflow":
                 acts = [a for a in acts if a not in ("skip", "clip")]
-            if taken.get("lone") and "skip" not in acts and "rollback" in configured[e.kind]:
-                acts.insert(0, "skip")  # a lone bad step under "rollback" (see above)
+            if taken.get("skip") and not taken.get("rollback") and "skip" not in acts and "rollback" in configured[e.kind]:
+                acts.insert(0, "skip")  # under "rollback": a lone bad step, or nothing to restore (see above)
             if "alert" in configured[e.kind] and self._alert_due(e, step):
                 acts.insert(min(len(acts), acts.index("log") + 1 if "log" in acts else len(acts)), "alert")
             if taken.get("stop") and "stop" not in acts:
                 acts.append("stop")
             suffix = f" -> {', '.join(acts)}" if acts else ""
             if taken.get("stop") and "stop" not in configured[e.kind]:
-                suffix += f" ({watch.skip_streak} steps skipped in a row: max_consecutive_skips)"
+                suffix += f" ({taken['stop']})"
             final.append(GradEvent(**{**e.to_dict(), "actions": tuple(acts), "message": e.message + suffix}))
         events[:] = final
         for e in events:
@@ -995,13 +1002,9 @@ class GradGuard(Callback):
         return True
 
     def _rollback(self, trainer, pl_module, optimizer, watch: _Watch, step: int, events) -> bool:
+        """Restore the newest snapshot old enough; ``False`` when there is none, or after ``max_rollbacks``
+        in a row (the caller then skips the step, and stops in the latter case)."""
         if watch.rollbacks_in_a_row >= self.max_rollbacks:
-            if not trainer.should_stop:
-                trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
-                log.warning(
-                    "GradGuard stopped training at step %d: %d rollbacks in a row did not help (%s)",
-                    step, watch.rollbacks_in_a_row, events[0].message,
-                )
             return False
         # inside optimizer.step the param groups hold the effective (scaled) LR
         lr_now = float(optimizer.param_groups[0]["lr"])
@@ -1016,9 +1019,10 @@ class GradGuard(Callback):
 
     def _healthy_step(self, pl_module, optimizer, watch: _Watch, step: int) -> None:
         snaps = watch.snapshots
-        if snaps is not None and step % self.rollback_every == 0 and (
-            not len(snaps) or step - watch.healthy_since >= self.rollback_margin
-        ):
+        # the first healthy step with none (the start, a resume, a new param group) takes one at once
+        if snaps is not None and (not len(snaps) or (
+            step % self.rollback_every == 0 and step - watch.healthy_since >= self.rollback_margin
+        )):
             snaps.take(step, pl_module, optimizer)
             watch.rollbacks_in_a_row = 0
         scale = watch.lr_scale

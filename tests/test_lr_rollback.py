@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import DigitsMLP, digits_loader, trainer
+from helpers import DigitsMLP, FaultyMLP, digits_loader, trainer
 from lightning_gradguard import GradGuard
 
 SPIKE = 12
@@ -143,3 +143,32 @@ def test_rollback_gives_up_and_stops_when_retrying_does_not_help():
     t.fit(model, digits_loader(shuffle=True))
     assert guard._watches[0].counts["rollbacks"] == 2
     assert t.global_step < 400
+    # the step that found the rollbacks exhausted did not apply its exploding gradient either
+    last = guard.events[-1]
+    assert last.actions[0] == "skip" and "stop" in last.actions
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_rollback_with_nothing_to_restore_still_keeps_the_nan_out(tmp_path):
+    # steps 0 and 1 NaN: the second means damage, but no snapshot exists yet (step 0 was not
+    # healthy). Before, the rollback silently did nothing and the NaN reached the weights
+    guard = GradGuard(on_nonfinite=("rollback", "alert"))
+    model = FaultyMLP({0: "nan_layer", 1: "nan_layer"})
+    t = trainer(max_steps=20, callbacks=[guard])
+    t.fit(model, digits_loader())
+    assert [(e.step, e.actions) for e in guard.events] == [(0, ("skip", "alert")), (1, ("skip",))]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    watch = guard._watches[0]
+    assert watch.counts["rollbacks"] == 0 and watch.counts["skipped"] == 2
+    assert watch.snapshots.steps[0] == 2  # the first healthy step takes one, not step 50
+
+    # after a resume the snapshots (host memory) are gone: the same holds, then one is taken at once
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    resumed = GradGuard(on_nonfinite=("rollback", "alert"))
+    model = FaultyMLP({20: "nan_layer", 21: "nan_layer", 33: "nan_layer", 34: "nan_layer"})
+    trainer(max_steps=40, callbacks=[resumed]).fit(model, digits_loader(), ckpt_path=tmp_path / "c.ckpt")
+    new = [(e.step, e.actions) for e in resumed.events[2:]]
+    assert new == [(20, ("skip", "alert")), (21, ("skip",)), (33, ("skip",)), (34, ("rollback",))]
+    # the snapshot of the first healthy step after the resume (22) is the one restored at 34
+    assert resumed._watches[0].counts["rollbacks"] == 1 and resumed._watches[0].snapshots.steps[0] == 22
+    assert all(torch.isfinite(p).all() for p in model.parameters())
