@@ -66,6 +66,8 @@ class _Watch:
     index: int
     plan: LayerPlan
     detector: TrendDetector
+    param_count: tuple[int, int]  # the optimizer's (param groups, parameters) the plan was made for
+    device: torch.device  # where the gradients live
     lr_scale: LRScale | None = None
     snapshots: Snapshots | None = None
     # host-side latches: last step each (code bit, series) fired, for one event per incident
@@ -82,7 +84,6 @@ class _Watch:
     group_index: Tensor | None = None  # param group of each plan parameter (for update ratios, sharded)
     host_group_index: np.ndarray | None = None  # the same, on the host
     keys: dict = field(default_factory=dict)  # logged key of each metric name (see GradGuard._key)
-    device: torch.device = torch.device("cpu")  # where the gradients live
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
 
     def series_name(self, i: int) -> str | None:
@@ -557,7 +558,8 @@ class GradGuard(Callback):
         clip_coef = self._respond(trainer, pl_module, optimizer, watch, host, events, step)
         metrics = None
         if is_log_step or events:
-            metrics = self._log(trainer, watch, host, detail_step, param_step and logging_on, clip_coef, log_step)
+            metrics = self._log(trainer, watch, host, series["present"], detail_step, param_step and logging_on,
+                                clip_coef, log_step)
         if self._active_sinks:
             self._sink_step(trainer, watch, step, log_step, host[Row.NORM] if host is not None else report[Row.NORM],
                             metrics)
@@ -650,13 +652,8 @@ class GradGuard(Callback):
             self._opt_index[id(optimizer)] = index
         watch = self._watches.get(index)
         if watch is None:
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-            plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), depth=self.group_depth, only=params)
-            if plan.dtensor and self._reduce is None:  # sharded by a strategy not known by name (FSDP2 by hand)
-                self._reduce = self._all_reduce(trainer, sharded=True)
-            detector = TrendDetector(self.config, plan.num_layers + 1)
-            watch = _Watch(index, plan, detector)
-            watch.device = params[0].device if params else torch.device("cpu")
+            plan, count, device = self._plan(trainer, pl_module, optimizer)
+            watch = _Watch(index, plan, TrendDetector(self.config, plan.num_layers + 1), count, device)
             if "reduce_lr" in self.on_nonfinite + self.on_exploding:
                 watch.lr_scale = self._lr_scales.get(index) or LRScale(optimizer)
                 self._lr_scales[index] = watch.lr_scale
@@ -664,7 +661,41 @@ class GradGuard(Callback):
                 watch.snapshots = Snapshots(self.rollback_keep)
             self._restore_watch(watch)
             self._watches[index] = watch
+        elif _param_count(optimizer) != watch.param_count:  # optimizer.add_param_group mid-run
+            self._rewatch(trainer, pl_module, optimizer, watch)
         return watch
+
+    def _plan(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer):
+        """The layer plan of every parameter ``optimizer`` holds, its parameter count and where its
+        gradients live. Frozen parameters (``requires_grad=False``) are in it: they have no gradient
+        and so count as absent until unfrozen, when they are watched like any other."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), depth=self.group_depth, only=params)
+        if plan.dtensor and self._reduce is None:  # sharded by a strategy not known by name (FSDP2 by hand)
+            self._reduce = self._all_reduce(trainer, sharded=True)
+        return plan, _param_count(optimizer), params[0].device if params else torch.device("cpu")
+
+    def _rewatch(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
+                 watch: _Watch) -> None:
+        """The optimizer's parameters changed (``add_param_group``, as Lightning's ``BackboneFinetuning``
+        does): watch the new set. A layer with the same parameters as before keeps its detector state;
+        a new or changed layer starts afresh, and so does the global series (it now covers other
+        parameters: a norm that jumps because a backbone joined is not an explosion). Per-series
+        latches and clip anchors restart; rollback snapshots are dropped (they hold the optimizer's
+        state of before, which cannot be loaded into it any more)."""
+        old = watch.plan
+        watch.plan, watch.param_count, watch.device = self._plan(trainer, pl_module, optimizer)
+        before, now = _members(old), _members(watch.plan)
+        index = {name: i for i, name in enumerate(old.layers)}
+        watch.detector = watch.detector.remap(
+            [None] + [1 + index[name] if before.get(name) == now[name] else None for name in watch.plan.layers])
+        watch.last_fired, watch.anchor, watch.anchor_until = {}, None, None
+        watch.group_index = watch.host_group_index = None
+        watch.keys = {}
+        if watch.snapshots is not None:
+            watch.snapshots = Snapshots(self.rollback_keep)
+        log.info("GradGuard: optimizer %d now holds %d parameter tensors in %d layers (was %d in %d); watching them",
+                 watch.index, len(watch.plan.params), watch.plan.num_layers, len(old.params), old.num_layers)
 
     def _lrs(self, watch: _Watch, optimizer: torch.optim.Optimizer) -> Tensor:
         """Each plan parameter's effective LR, as a device vector: O(param groups) work, no copy."""
@@ -1054,7 +1085,7 @@ class GradGuard(Callback):
             watch.keys[("layers", kind)] = keys
         return keys
 
-    def _log(self, trainer, watch: _Watch, host, detail_step, param_step, clip_coef, log_step) -> dict[str, float]:
+    def _log(self, trainer, watch: _Watch, host, present, detail_step, param_step, clip_coef, log_step) -> dict[str, float]:
         k = lambda name: self._key(watch, name)  # noqa: E731
         norm = host[Row.NORM].tolist()  # numpy, on the host already: no sync
         nonfinite = 0.0
@@ -1078,7 +1109,7 @@ class GradGuard(Callback):
             metrics[k("rollbacks")] = float(watch.counts["rollbacks"])
         if self._scaler is not None:
             metrics[k("amp_overflows")] = float(watch.counts["amp_overflows"])
-        layers = self._logged_layers(host)
+        layers = self._logged_layers(host, present)
         keys = self._layer_keys(watch, "norm")
         for i in layers:
             metrics[keys[i]] = norm[i]
@@ -1147,20 +1178,27 @@ class GradGuard(Callback):
                             type(logger).__name__, err)
                 return
 
-    def _logged_layers(self, host: np.ndarray) -> list[int]:
-        """Series indices of the layers to log: all, or the ``top_k`` largest and smallest norms."""
+    def _logged_layers(self, host: np.ndarray, present) -> list[int]:
+        """Series indices of the layers to log: all, or the ``top_k`` largest and smallest norms, of the
+        layers with gradients this step (``present``, by series): a frozen layer, or an expert nothing
+        was routed to, has no norm this step, not a norm of 0."""
         if self.log_layers == "none":
             return []
         n = host.shape[1] - 1
-        if self.log_layers == "all" or n <= 2 * self.top_k:
-            return list(range(1, n + 1))
+        if isinstance(present, np.ndarray):  # many layers, or sharded
+            live = range(1, n + 1) if present[1:].all() else (np.flatnonzero(present[1:]) + 1).tolist()
+        else:
+            live = range(1, n + 1) if all(present) else [i for i in range(1, n + 1) if present[i]]
+        if self.log_layers == "all" or len(live) <= 2 * self.top_k:
+            return list(live)
         if n <= _SMALL:
             norm = host[Row.NORM].tolist()  # numpy, on the host already: no sync
             # NaN layers count as the largest; ties keep model order
-            order = sorted(range(1, n + 1), key=lambda i: math.inf if math.isnan(norm[i]) else norm[i])
+            order = sorted(live, key=lambda i: math.inf if math.isnan(norm[i]) else norm[i])
             return sorted(set(order[: self.top_k] + order[-self.top_k :]))
-        order = np.argsort(np.nan_to_num(host[Row.NORM, 1:], nan=np.inf), kind="stable")
-        return (np.union1d(order[: self.top_k], order[-self.top_k :]) + 1).tolist()
+        live = np.asarray(live)
+        order = live[np.argsort(np.nan_to_num(host[Row.NORM, live], nan=np.inf), kind="stable")]
+        return np.union1d(order[: self.top_k], order[-self.top_k :]).tolist()
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -1225,6 +1263,21 @@ class GradGuard(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
+def _param_count(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """(param groups, parameters) of ``optimizer``: what changes when a group is added mid-run.
+    Two lengths per group, ~0.3 us a step."""
+    groups = optimizer.param_groups
+    return len(groups), sum(len(g["params"]) for g in groups)
+
+
+def _members(plan: LayerPlan) -> dict[str, set[int]]:
+    """Layer name -> ids of its parameters."""
+    members: dict[str, set[int]] = {name: set() for name in plan.layers}
+    for p, layer in zip(plan.params, plan.layer_of_param):
+        members[plan.layers[layer]].add(id(p))
+    return members
+
+
 def _host_series(plan: LayerPlan, sums: LayerSums, flat: np.ndarray) -> dict[str, np.ndarray]:
     """Global + per-layer series (index 0 is global), float64, from the host copy of ``sums``' rows
     (concatenated in the order ``grad_sq, present, max_abs, weight_sq, update_sq``, absent ones skipped):

@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -198,6 +199,7 @@ class TrendDetector:
         self._log_vanish = math.log10(c.vanish_factor)
         self._log_drop = math.log10(c.vanish_drop)
         self._all_warm = False  # every series past warm-up, with one observation at least: the steady state
+        self._unseen = num_series > 1  # some layer series has had no observation yet (see _admit)
 
     def update(
         self,
@@ -224,11 +226,42 @@ class TrendDetector:
         :attr:`vectorized`), return the report as ``REPORT_ROWS`` lists, valid
         until the next update (some are the live state): no numpy call at all.
         """
+        if self._unseen:
+            self._unseen = self._admit(norm, present, nonfinite)
         if not self.vectorized:
             rows = self._update_scalar(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
             return rows if lists else np.array(rows, dtype=np.float64)
         with np.errstate(all="ignore"):  # NaN/Inf are data here (a NaN norm is a finding, not an error)
             return self._update(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
+
+    def _admit(self, norm, present, nonfinite) -> bool:
+        """Before a step's update, while some layer has never been observed: if one is now (a frozen
+        layer was unfrozen, a new param group added, an expert routed to for the first time), the
+        global norm covers gradients it never covered, and a jump of it is no explosion; the global
+        series starts afresh, warm-up included. Returns whether a layer remains unobserved."""
+        if self.vectorized:
+            count, x = self.count, _host(norm)
+            unseen = count == 0
+            unseen[0] = False
+            with np.errstate(invalid="ignore"):
+                good = _host(present, bool) & ~_host(nonfinite, bool) & np.isfinite(x) & (x > 0)
+            admitted, remain = bool((unseen & good).any()), bool((unseen & ~good).any())
+        else:  # Python floats, as _update_scalar (frozen layers keep this running every step)
+            count, isfinite = self._series_state["count"], math.isfinite
+            norm = norm if type(norm) is list else _host(norm).tolist()  # numpy (host arrays only): no sync
+            present = present if type(present) is list else _host(present, bool).tolist()  # no sync
+            nonfinite = nonfinite if type(nonfinite) is list else _host(nonfinite, bool).tolist()  # no sync
+            unseen = [i for i in range(1, self.num_series) if count[i] == 0]
+            good = [present[i] and not nonfinite[i] and isfinite(norm[i]) and norm[i] > 0 for i in unseen]
+            admitted, remain = any(good), not all(good)
+        if admitted and count[0] > 0:
+            fresh = TrendDetector(self.config, 1)
+            for name in _STATE:
+                values = getattr(self, name)
+                values[..., 0] = getattr(fresh, name)[..., 0]
+                setattr(self, name, values)
+            self._all_warm = False
+        return remain
 
     def _update_scalar(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm) -> list[list]:
         """:meth:`_update`, series by series in Python floats (the same rules, line for line)."""
@@ -482,6 +515,31 @@ class TrendDetector:
                 setattr(self, name, value.detach().cpu().double().numpy().copy())
         self.steps = int(state.get("steps", self.steps))
         self._all_warm = bool(self.count.min() >= max(self.config.warmup_steps, 1))
+        self._unseen = bool((self.count[1:] == 0).any())
+
+    def remap(self, source: Sequence[int | None]) -> TrendDetector:
+        """A detector of ``len(source)`` series where series ``j`` goes on from this one's series
+        ``source[j]``, or starts afresh (warm-up included) where that is ``None``: for a model
+        whose watched layers changed mid-run (a backbone unfrozen into a new param group).
+
+        >>> old = TrendDetector(DetectorConfig(), 2)
+        >>> _ = old.update([1.0, 1.0], [True, True], [False, False])
+        >>> new = old.remap([None, 1, None])
+        >>> new.count.tolist(), new.steps
+        ([0.0, 1.0, 0.0], 1)
+        """
+        new = TrendDetector(self.config, len(source))
+        kept = [(j, i) for j, i in enumerate(source) if i is not None]
+        if kept:
+            to, frm = (list(x) for x in zip(*kept))
+            for name in _STATE:
+                values = getattr(new, name)
+                values[..., to] = getattr(self, name)[..., frm]
+                setattr(new, name, values)
+        new.steps = self.steps
+        new._all_warm = bool(new.count.min() >= max(self.config.warmup_steps, 1))
+        new._unseen = bool((new.count[1:] == 0).any())
+        return new
 
 
 def config_fields() -> tuple[str, ...]:
