@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -66,7 +67,8 @@ class _Watch:
     index: int
     plan: LayerPlan
     detector: TrendDetector
-    param_count: tuple[int, int]  # the optimizer's (param groups, parameters) the plan was made for
+    optimizer: weakref.ref  # the optimizer object watched (a replaced one is re-watched)
+    param_count: tuple[int, int]  # its (param groups, parameters) the plan was made for
     device: torch.device  # where the gradients live
     lr_scale: LRScale | None = None
     snapshots: Snapshots | None = None
@@ -653,7 +655,8 @@ class GradGuard(Callback):
         watch = self._watches.get(index)
         if watch is None:
             plan, count, device = self._plan(trainer, pl_module, optimizer)
-            watch = _Watch(index, plan, TrendDetector(self.config, plan.num_layers + 1), count, device)
+            watch = _Watch(index, plan, TrendDetector(self.config, plan.num_layers + 1), weakref.ref(optimizer),
+                           count, device)
             if "reduce_lr" in self.on_nonfinite + self.on_exploding:
                 watch.lr_scale = self._lr_scales.get(index) or LRScale(optimizer)
                 self._lr_scales[index] = watch.lr_scale
@@ -661,8 +664,8 @@ class GradGuard(Callback):
                 watch.snapshots = Snapshots(self.rollback_keep)
             self._restore_watch(watch)
             self._watches[index] = watch
-        elif _param_count(optimizer) != watch.param_count:  # optimizer.add_param_group mid-run
-            self._rewatch(trainer, pl_module, optimizer, watch)
+        elif watch.optimizer() is not optimizer or _param_count(optimizer) != watch.param_count:
+            self._rewatch(trainer, pl_module, optimizer, watch)  # replaced, or add_param_group mid-run
         return watch
 
     def _plan(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer):
@@ -678,24 +681,34 @@ class GradGuard(Callback):
     def _rewatch(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
                  watch: _Watch) -> None:
         """The optimizer's parameters changed (``add_param_group``, as Lightning's ``BackboneFinetuning``
-        does): watch the new set. A layer with the same parameters as before keeps its detector state;
-        a new or changed layer starts afresh, and so does the global series (it now covers other
-        parameters: a norm that jumps because a backbone joined is not an explosion). Per-series
+        does), or the optimizer itself was replaced (``trainer.strategy.setup_optimizers`` mid-run):
+        watch the new set. A layer with the same parameters as before keeps its detector state; a new
+        or changed layer starts afresh, and so does the global series unless it covers the same
+        parameters (a norm that jumps because a backbone joined is not an explosion). Per-series
         latches and clip anchors restart; rollback snapshots are dropped (they hold the optimizer's
-        state of before, which cannot be loaded into it any more)."""
+        state of before, which cannot be loaded into it any more: an Adam state loaded into a new
+        SGD crashed its step). A replaced optimizer gets the LR scale afresh (1), on its own hooks."""
         old = watch.plan
         watch.plan, watch.param_count, watch.device = self._plan(trainer, pl_module, optimizer)
         before, now = _members(old), _members(watch.plan)
         index = {name: i for i, name in enumerate(old.layers)}
+        same = set(map(id, old.params)) == set(map(id, watch.plan.params))
         watch.detector = watch.detector.remap(
-            [None] + [1 + index[name] if before.get(name) == now[name] else None for name in watch.plan.layers])
+            [0 if same else None]
+            + [1 + index[name] if before.get(name) == now[name] else None for name in watch.plan.layers])
+        if watch.optimizer() is not optimizer:
+            watch.optimizer = weakref.ref(optimizer)
+            if watch.lr_scale is not None:
+                watch.lr_scale.remove()
+                watch.lr_scale = self._lr_scales[watch.index] = LRScale(optimizer)
         watch.last_fired, watch.anchor, watch.anchor_until = {}, None, None
         watch.group_index = watch.host_group_index = None
         watch.keys = {}
         if watch.snapshots is not None:
             watch.snapshots = Snapshots(self.rollback_keep)
-        log.info("GradGuard: optimizer %d now holds %d parameter tensors in %d layers (was %d in %d); watching them",
-                 watch.index, len(watch.plan.params), watch.plan.num_layers, len(old.params), old.num_layers)
+        log.info("GradGuard: optimizer %d (%s) holds %d parameter tensors in %d layers (was %d in %d); watching them",
+                 watch.index, type(optimizer).__name__, len(watch.plan.params), watch.plan.num_layers,
+                 len(old.params), old.num_layers)
 
     def _lrs(self, watch: _Watch, optimizer: torch.optim.Optimizer) -> Tensor:
         """Each plan parameter's effective LR, as a device vector: O(param groups) work, no copy."""

@@ -1,6 +1,7 @@
-"""Fine-tuning: layers unfrozen mid-run (a new param group, or requires_grad switched on in place)
-are guarded from the step they train, keep or restart their trend state as they should, and
-neither the global norm's jump nor the absent (frozen) layers raise alarms or get logged as 0."""
+"""What the optimizer holds changes mid-run. Fine-tuning: layers unfrozen mid-run (a new param
+group, or requires_grad switched on in place) are guarded from the step they train, keep or restart
+their trend state as they should, and neither the global norm's jump nor the absent (frozen) layers
+raise alarms or get logged as 0. A replaced optimizer is watched with state that fits it."""
 
 import logging
 import math
@@ -13,7 +14,7 @@ from lightning.pytorch.callbacks import BackboneFinetuning
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from helpers import NormRecorder, digits_loader, trainer
+from helpers import FaultyMLP, NormRecorder, digits_loader, trainer
 from lightning_gradguard import GradGuard
 from lightning_gradguard.detectors import DetectorConfig, Row, TrendDetector
 
@@ -128,7 +129,7 @@ def test_a_new_param_group_keeps_the_old_layers_trend_and_drops_stale_snapshots(
     # global: restarted at the unfreeze; backbone: observed since; head: every step
     assert count == [STEPS_PER_EPOCH, STEPS_PER_EPOCH, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     assert all(s >= unfreeze for s in watch.snapshots.steps)  # none of before the new group
-    assert "now holds 6 parameter tensors in 3 layers (was 2 in 1)" in caplog.text
+    assert "optimizer 0 (Adam) holds 6 parameter tensors in 3 layers (was 2 in 1)" in caplog.text
     assert guard.internal_errors == 0
 
 
@@ -188,3 +189,44 @@ def test_detector_remap_and_admit_alike_in_both_modes():
         for name in ("level", "scale", "fast", "peak"):
             assert getattr(new, name)[[1, 3]].tolist() == getattr(det, name)[[1, 2]].tolist()
         assert np.array_equal(new.ring[:, [1, 3]], det.ring[:, [1, 2]], equal_nan=True)
+
+
+class SwapsOptimizer(FaultyMLP):
+    """Adam in epoch 0, then SGD: ``trainer.strategy.setup_optimizers`` at the start of epoch 1."""
+
+    def __init__(self, faults):
+        super().__init__(faults)
+        self.lrs: dict[int, tuple[str, float]] = {}  # inside optimizer.step: after the LR scale's pre-hook
+
+    def configure_optimizers(self):
+        if self.trainer.current_epoch >= 1:
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            self.trainer.strategy.setup_optimizers(self.trainer)
+
+    def on_before_optimizer_step(self, optimizer):  # runs after the callbacks' hook
+        self.lrs[self.global_step] = (type(optimizer).__name__, optimizer.param_groups[0]["lr"])
+
+
+def test_a_replaced_optimizer_gets_no_stale_snapshot_and_its_own_lr_scale():
+    swap = STEPS_PER_EPOCH
+    guard = GradGuard(on_nonfinite=("rollback", "alert"), on_exploding=("clip", "reduce_lr", "alert"))
+    model = SwapsOptimizer({swap + 8: "nan_layer", swap + 9: "nan_layer", swap + 12: "spike"})
+    t = trainer(max_steps=40, callbacks=[guard])
+    # before: the rollback at step 25 loaded the Adam snapshot of step 0 into the SGD, whose next
+    # step failed with KeyError('momentum'), and reduce_lr scaled the Adam nobody used any more
+    t.fit(model, digits_loader())
+    assert type(t.optimizers[0]).__name__ == "SGD" and t.global_step == 40
+    assert [(e.step, e.actions) for e in guard.events] == [
+        (24, ("skip", "alert")), (25, ("skip",)),  # no snapshot of the SGD old enough yet: skipped
+        (28, ("clip", "reduce_lr", "alert")),
+    ]
+    assert model.lrs[27] == ("SGD", 0.05) and model.lrs[28] == model.lrs[39] == ("SGD", 0.025)
+    watch = guard._watches[0]
+    assert watch.snapshots.steps[0] == swap  # taken at the first healthy step of the SGD
+    assert watch.detector.count[0] > 30  # the same parameters: the global trend went on
+    assert guard.internal_errors == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
