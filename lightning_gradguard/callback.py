@@ -46,6 +46,7 @@ from lightning_gradguard.stats import (
     layer_series,
     layer_series_lists,
     layer_sums,
+    local_shards,
     read_tensors,
 )
 from lightning_gradguard.writes import SharedWrite
@@ -520,6 +521,28 @@ class GradGuard(Callback):
                 self._reported_errors.add(key)
                 log.warning("GradGuard: internal error at step %d, this step is not monitored; training goes on: %r",
                             trainer.global_step, err, exc_info=True)
+            self._fail_safe(trainer, optimizer)
+
+    def _fail_safe(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """After an internal error: where NaN/Inf protection was asked for (``"skip"`` or ``"rollback"``
+        for ``nonfinite``), a step the guard could not analyse is still kept out of the weights if
+        its gradients are not finite. One plain check, on error steps only (a sync per tensor group).
+        Not under sharded strategies: there each rank holds other gradients, the ranks would have
+        to agree, and one collective entered by one rank alone would hang the others. Not under a
+        fp16 GradScaler either: it skips such steps itself."""
+        if not {"skip", "rollback"} & set(self.on_nonfinite) or self._reduce is not None or self._scaler is not None:
+            return
+        try:
+            with torch.no_grad():
+                grads = local_shards([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
+                finite = all(bool(torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all()) for g in grads)
+            if not finite:
+                skip_(optimizer)
+                if trainer.is_global_zero:
+                    log.warning("GradGuard: step %d has non-finite gradients; skipped despite the internal error",
+                                trainer.global_step)
+        except Exception:  # noqa: BLE001 - as above: never stop training
+            pass
 
     def _guard_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         watch = self._watch(trainer, pl_module, optimizer)

@@ -32,6 +32,22 @@ def test_internal_error_is_reported_once_and_training_goes_on(monkeypatch, caplo
     assert caplog.text.count("GradGuard: internal error") == 1
 
 
+@pytest.mark.parametrize("on_nonfinite", [("skip", "alert"), ("rollback", "alert"), ("log",)])
+def test_an_internal_error_still_keeps_a_nan_out_where_protection_was_asked_for(monkeypatch, on_nonfinite):
+    import lightning_gradguard.callback as cb
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("statistics exploded")
+
+    monkeypatch.setattr(cb, "read_tensors", broken)  # every step fails inside the guard
+    guard = GradGuard(on_nonfinite=on_nonfinite)
+    model = FaultyMLP({5: "nan_layer"})
+    trainer(max_steps=10, callbacks=[guard]).fit(model, digits_loader())
+    assert guard.internal_errors == 10 and guard.events == []
+    finite = all(torch.isfinite(p).all() for p in model.parameters())
+    assert finite == (on_nonfinite != ("log",))  # "log" asked for no protection: the NaN goes through
+
+
 class BrokenSink(GuardSink):
     def __init__(self):
         self.calls = 0
