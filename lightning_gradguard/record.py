@@ -11,7 +11,10 @@ One JSON object per line, told apart by ``"type"``:
   (``"gradguard-record"``), ``version``, ``layers`` (per optimizer index, the
   layer names in the order of the norms), ``config`` (the guard's arguments),
   ``trainer`` facts, package versions, ``record`` (this sink's settings);
-- ``layers``: the layer names of an optimizer first seen after the header;
+- ``layers``: the layer names of an optimizer first seen after the header, or
+  its new layer names when they changed (a param group added mid-run: the
+  step lines after it follow the new names; :func:`read_record` maps the
+  earlier ones onto them, 0 for a layer they lacked);
 - ``step``: ``step`` (``trainer.global_step``), ``optimizer``, ``norms``: the
   global L2 gradient norm then one per layer, rounded to ``digits``
   significant digits (0 for a layer without gradients this step; ``"nan"`` /
@@ -104,6 +107,24 @@ class NormSummary:
         s.nonfinite += ~finite
         s.steps += 1
 
+    def relayout(self, optimizer: int, old: Sequence[str], new: Sequence[str]) -> None:
+        """The optimizer's layers changed from ``old`` to ``new`` (a param group added mid-run): keep
+        each series by name; a new layer counts as 0 (no gradients) over the steps before.
+
+        >>> s = NormSummary()
+        >>> s.update(0, np.array([1.0, 4.0]))
+        >>> s.relayout(0, ["head"], ["backbone", "head"])
+        >>> s.as_dict()[0]["max"]
+        [1.0, 0.0, 4.0]
+        """
+        s = self.series.get(optimizer)
+        if s is None:
+            return
+        take = _columns(old, new)
+        pick = lambda a: np.array([a[i] if i is not None else 0 for i in take], dtype=a.dtype)  # noqa: E731
+        self.series[optimizer] = _Series(pick(s.first), pick(s.last), pick(s.min), pick(s.max), pick(s.nonfinite),
+                                         s.steps)
+
     def as_dict(self) -> dict[int, dict[str, Any]]:
         """Per optimizer: ``first``, ``last``, ``min``, ``max`` (lists of floats), ``nonfinite`` counts, ``steps``."""
         return {
@@ -114,6 +135,12 @@ class NormSummary:
             }
             for opt, s in self.series.items()
         }
+
+
+def _columns(old: Sequence[str], new: Sequence[str]) -> list[int | None]:
+    """For each norms column of layout ``new`` (global first), its column in ``old`` (``None``: none)."""
+    where = {name: i + 1 for i, name in enumerate(old)}
+    return [0] + [where.get(name) for name in new]
 
 
 # ---------------------------------------------------------------------- writing
@@ -172,12 +199,15 @@ class RecordSink(GuardSink):
         if self._file is None:
             return
         self._pending = None
-        if optimizer not in self._layers:
+        known = self._layers.get(optimizer)
+        if known != tuple(layers):  # the first step, or the layers changed (a param group added mid-run)
             self._layers[optimizer] = tuple(layers)
             if self._header is not None:
                 self._write_header()
             else:
                 self._write({"type": "layers", "optimizer": optimizer, "layers": list(layers)})
+            if known is not None:
+                self._norms.relayout(optimizer, known, layers)
         self._norms.update(optimizer, norms)
         if step % self.every_n_steps == 0:
             self._file.write(_step_line(optimizer, step, norms, self.digits) + "\n")
@@ -365,7 +395,7 @@ def read_record(path: str | os.PathLike) -> RunRecord:
     lines = text.split("\n")
     complete = text.endswith("\n")
     record: RunRecord | None = None
-    rows: dict[int, list[tuple[int, np.ndarray]]] = {}
+    rows: dict[int, list[tuple[int, np.ndarray, tuple[str, ...]]]] = {}  # step, norms, the layers they follow
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -401,7 +431,7 @@ def read_record(path: str | os.PathLike) -> RunRecord:
                 width = 1 + len(record.layers.get(opt, ()))
                 if norms.shape != (width,):
                     raise ValueError(f"{len(norms)} norms for {width} series")
-                rows.setdefault(opt, []).append((int(obj["step"]), norms))
+                rows.setdefault(opt, []).append((int(obj["step"]), norms, record.layers.get(opt, ())))
             elif kind == "event":
                 event = GradEvent.from_dict(obj)
                 record.events.append(
@@ -418,8 +448,15 @@ def read_record(path: str | os.PathLike) -> RunRecord:
     if record is None:
         raise RecordError(f"{path}: empty file, not a gradguard record")
     for opt, items in rows.items():
-        record.steps[opt] = np.array([s for s, _ in items], dtype=np.int64)
-        record.norms[opt] = np.stack([n for _, n in items])
+        # the layers changed mid-run: every row in the last layout, plus layers only earlier rows had
+        final = list(record.layers.get(opt, ()))
+        final += dict.fromkeys(name for _, _, layout in items for name in layout if name not in set(final))
+        record.layers[opt] = tuple(final)
+        record.steps[opt] = np.array([s for s, _, _ in items], dtype=np.int64)
+        record.norms[opt] = np.stack([
+            n if layout == record.layers[opt] else np.array([n[i] if i is not None else 0.0 for i in _columns(layout, final)])
+            for _, n, layout in items
+        ])
     return record
 
 

@@ -155,6 +155,29 @@ def test_two_optimizers_each_get_their_layers(tmp_path):
     assert main([str(tmp_path), "--png", str(tmp_path / "two.png")]) == 0
 
 
+def test_a_param_group_added_mid_run_keeps_the_record_readable(tmp_path):
+    # the layers grow at the unfreeze (BackboneFinetuning): before, the step lines after it had more
+    # norms than the header's layers and the record read as corrupt
+    from test_finetuning import STEPS_PER_EPOCH, _fit
+
+    ref = NormRecorder()
+    sink = RecordSink(tmp_path)
+    _fit("group", GradGuard(sinks=[sink]), max_epochs=2, faults={20: "nan"}, callbacks=[ref])
+    record = read_record(tmp_path)
+    assert record.layers == {0: ("backbone.0", "backbone.2", "head")}
+    norms = record.norms[0]
+    assert norms.shape == (2 * STEPS_PER_EPOCH, 4)
+    assert (norms[:STEPS_PER_EPOCH, 1:3] == 0).all()  # frozen: no gradients, 0 by the record's rule
+    for row, step in zip(norms, record.steps[0]):
+        if step != 20:
+            expected = [ref.total[step]] + [ref.layers[step].get(k, 0.0) for k in record.layers[0]]
+            np.testing.assert_allclose(row, expected, rtol=1e-3)
+    stats = record.layer_stats(0)  # the summary's, relaid at the change
+    assert stats["max"][1] == pytest.approx(max(ref.layers[s].get("backbone.0", 0) for s in ref.layers if s != 20), rel=1e-3)
+    assert stats["first"][1] == 0 and stats["nonfinite"].tolist() == [1, 1, 0, 0]
+    assert main([str(tmp_path)]) == 1  # read, reported, and failed on the NaN event
+
+
 # ---------------------------------------------------------------------- reading bad files
 def _lines(path, *objs, raw=""):
     path.write_text("".join(json.dumps(o) + "\n" for o in objs) + raw)
