@@ -83,6 +83,11 @@ class LRScale:
     def value(self) -> float:
         return self._value
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose learning rates this scales."""
+        return self._optimizer
+
     @value.setter
     def value(self, value: float) -> None:
         self._value = float(value)

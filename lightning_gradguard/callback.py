@@ -722,8 +722,13 @@ class GradGuard(Callback):
         if watch.optimizer() is not optimizer:
             watch.optimizer = weakref.ref(optimizer)
             if watch.lr_scale is not None:
-                watch.lr_scale.remove()
-                watch.lr_scale = self._lr_scales[watch.index] = LRScale(optimizer)
+                # a second fit() made a new optimizer, on whose hooks on_train_start put a scale already
+                scale = self._lr_scales.get(watch.index)
+                if scale is None or scale.optimizer is not optimizer:
+                    scale = self._lr_scales[watch.index] = LRScale(optimizer)
+                if watch.lr_scale is not scale:
+                    watch.lr_scale.remove()
+                watch.lr_scale = scale
         watch.last_fired, watch.anchor, watch.anchor_until = {}, None, None
         watch.group_index = watch.host_group_index = None
         watch.keys = {}

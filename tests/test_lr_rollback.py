@@ -85,6 +85,29 @@ def test_lr_scale_survives_resume_and_recovers(tmp_path):
     assert resumed._watches[0].lr_scale.value == 1.0
 
 
+def test_reduce_lr_acts_on_the_optimizer_of_a_second_fit():
+    # a second fit() builds a new optimizer; the guard's LR scale stayed on the first one, so its
+    # reduce_lr was logged but never applied
+    class Plain(Scheduled):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    guard = GradGuard(on_exploding=("clip", "reduce_lr"), lr_factor=0.5, lr_cooldown=100)
+    model = Plain("lambda", spike_at=30)
+    t = trainer(max_steps=20, callbacks=[guard])
+    t.fit(model, digits_loader())
+    first = t.optimizers[0]
+    t.fit_loop.epoch_loop.max_steps = 40
+    t.fit(model, digits_loader())
+    assert t.optimizers[0] is not first
+    assert [(e.step, e.actions) for e in guard.events] == [(30, ("clip", "reduce_lr"))]
+    applied = model.applied  # measured from the weights' update
+    assert applied[29] == pytest.approx(0.05, rel=1e-4)
+    assert applied[30] == pytest.approx(0.025, rel=1e-4) and applied[39] == pytest.approx(0.025, rel=1e-4)
+    for opt in (first, t.optimizers[0]):  # both left as they were: no hook of the guard's
+        assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
 class LRJump(DigitsMLP):
     """The LR jumps x300 at step JUMP for good (a schedule bug): the update of that step wrecks the weights."""
 
