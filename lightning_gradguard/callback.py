@@ -642,6 +642,14 @@ class GradGuard(Callback):
             values, host = read.packed.tolist(), None  # sync: the only one per step (one copy, to floats)
         else:
             host = read.packed.cpu().numpy()  # sync: the only one per step
+        n = len(read.positions)
+        # NaN/Inf reach the sum; so does a float32 sum of squares that overflowed (entries ~1e19+)
+        if not math.isfinite(sum(values[:n]) if lists else float(host[:n].sum())):  # host floats: no sync
+            refined = _overflowed_norms(watch.plan, read.positions, values[:n] if lists else host[:n].tolist())
+            if lists:
+                values[:n] = refined
+            else:
+                host[:n] = refined
         if not extra:
             tail = []
         else:
@@ -1309,6 +1317,21 @@ def _param_count(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     Two lengths per group, ~0.3 us a step."""
     groups = optimizer.param_groups
     return len(groups), sum(len(g["params"]) for g in groups)
+
+
+def _overflowed_norms(plan: LayerPlan, positions: Sequence[int], norms: list[float]) -> list[float]:
+    """``norms`` (per tensor) with each +Inf recomputed in float64: a float32 sum of squares overflows
+    for entries above ~1e19, and gradients that large are exploding, not non-finite (clipping them
+    works; their weights are still finite). A real Inf or NaN stays. One sync per such tensor,
+    on these steps only."""
+    out = list(norms)
+    for j, v in enumerate(norms):
+        if v == math.inf:
+            g = plan.params[positions[j]].grad
+            g = local_shards([g])[0] if plan.dtensor else g
+            g = g.coalesce()._values() if g.is_sparse else g
+            out[j] = torch.linalg.vector_norm(g, dtype=torch.float64).item()  # sync: overflow steps only
+    return out
 
 
 def _members(plan: LayerPlan) -> dict[str, set[int]]:

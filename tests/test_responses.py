@@ -109,3 +109,57 @@ def test_persistent_nonfinite_stops_after_max_consecutive_skips(caplog):
     assert t.global_step == 10  # steps 6-9 skipped, then stopped
     assert guard.events[-1].actions == ("skip", "stop")
     assert "4 steps skipped in a row: max_consecutive_skips" in caplog.text
+
+
+class HugeGradient(FaultyMLP):
+    """At step HUGE ``net.2``'s weight gradient is scaled by 1e22: entries ~1e20, finite, but their
+    float32 squares overflow, so a plain float32 norm reads Inf."""
+
+    HUGE = 12
+
+    def on_after_backward(self):
+        if self.global_step == self.HUGE:
+            self.net[2].weight.grad.mul_(1e22)
+
+
+def test_huge_finite_gradients_are_exploding_and_clipped_not_called_nonfinite():
+    ref = NormRecorder()  # float64 norms, before the guard acts
+    guard = GradGuard()
+    model = HugeGradient({})
+    trainer(max_steps=20, callbacks=[ref, guard]).fit(model, digits_loader())
+    step = HugeGradient.HUGE
+    assert [(e.step, e.kind, e.layer) for e in guard.events] == [(step, "exploding", "net.2")]
+    (event,) = guard.events
+    assert "clip" in event.actions and "non-finite" not in event.message
+    assert event.value == pytest.approx(ref.layers[step]["net.2"], rel=1e-5)  # ~1e21, read in float64
+    assert guard._watches[0].counts["clipped"] == 1 and guard._watches[0].counts["skipped"] == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_huge_finite_gradients_on_the_numpy_path_of_a_deep_model():
+    # 72 layers: the detector and the host sums run in numpy (more than 64 series)
+    import lightning.pytorch as pl
+    from torch import nn
+
+    class Deep(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            blocks = [nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(70)]
+            self.net = nn.Sequential(nn.Linear(64, 16), *blocks, nn.Linear(16, 10))
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def on_after_backward(self):
+            if self.global_step == 12:
+                self.net[5][0].weight.grad.fill_(1e20)  # finite; the float32 sum of squares overflows
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    guard, model = GradGuard(), Deep()
+    trainer(max_steps=16, callbacks=[guard]).fit(model, digits_loader())
+    assert guard._watches[0].detector.vectorized
+    assert [(e.step, e.kind, e.layer) for e in guard.events] == [(12, "exploding", "net.5.0")]
+    assert guard.events[0].value == pytest.approx(1e20 * 16, rel=1e-6)  # 256 entries of 1e20
+    assert all(torch.isfinite(p).all() for p in model.parameters())
