@@ -343,6 +343,7 @@ class GradGuard(Callback):
         self._opt_index: dict[int, int] = {}  # id(optimizer) -> index in trainer.optimizers
         self._pending_state: dict[int, dict] = {}  # loaded before the optimizers exist
         self._lr_scales: dict[int, LRScale] = {}
+        self._held_clip_val: float | None = None  # Trainer(gradient_clip_val) held back for a skipped step
         self._event_counts = {"nonfinite": 0, "exploding": 0, "vanishing": 0}
         # running loss level (the growth and vanishing gates), on the host; the losses of the steps
         # since the last optimizer step wait on the device and ride along with its one sync
@@ -400,6 +401,7 @@ class GradGuard(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release_value_clipping(trainer)
         for scale in self._lr_scales.values():
             scale.remove()  # leave the user's optimizers as they were
         self._lr_scales = {}
@@ -422,6 +424,7 @@ class GradGuard(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # a "raise" response (or any crash) still flushes metrics, summaries, pictures and records
+        self._release_value_clipping(trainer)
         self._detach_loggers(trainer)
         self._sink_call("on_fit_end", trainer, self.summary())
         self._active_sinks = []
@@ -482,6 +485,7 @@ class GradGuard(Callback):
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._release_value_clipping(trainer)
         self._hand_over(trainer)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -537,7 +541,7 @@ class GradGuard(Callback):
                 grads = local_shards([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
                 finite = all(bool(torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all()) for g in grads)
             if not finite:
-                skip_(optimizer)
+                self._skip(trainer, optimizer)
                 if trainer.is_global_zero:
                     log.warning("GradGuard: step %d has non-finite gradients; skipped despite the internal error",
                                 trainer.global_step)
@@ -961,7 +965,7 @@ class GradGuard(Callback):
                 # (and only then reduce the LR: a lone corrupted batch says nothing about the LR).
                 taken["skip"] = taken["lone"] = True
         if "skip" in wanted or taken.get("rollback") or taken.get("skip"):
-            skip_(optimizer)
+            self._skip(trainer, optimizer)
             watch.counts["skipped"] += 1
             watch.skip_streak += 1
             taken["skip"] = True
@@ -1006,6 +1010,20 @@ class GradGuard(Callback):
             trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
             log.warning("GradGuard stopped training: %s", stopping.message)
         return clip_coef
+
+    def _skip(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the step (every gradient ``None``). Lightning clips after this hook, and torch's
+        ``clip_grad_value_`` fails on a step without any gradient (``clip_grad_norm_`` returns 0):
+        ``Trainer(gradient_clip_algorithm="value")`` is held back for this step and given back in
+        ``on_train_batch_end`` (a ``configure_gradient_clipping`` of the user's own that clips by
+        value is not reached by this)."""
+        skip_(optimizer)
+        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value" and self._held_clip_val is None:
+            self._held_clip_val, trainer.gradient_clip_val = trainer.gradient_clip_val, None
+
+    def _release_value_clipping(self, trainer: Trainer) -> None:
+        if self._held_clip_val is not None:
+            trainer.gradient_clip_val, self._held_clip_val = self._held_clip_val, None
 
     def _update_anchor(self, watch: _Watch, code: np.ndarray, host: np.ndarray, step: int) -> bool:
         """Clip anchors: during sustained growth the running level follows the divergence up, and a

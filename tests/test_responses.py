@@ -163,3 +163,29 @@ def test_huge_finite_gradients_on_the_numpy_path_of_a_deep_model():
     assert [(e.step, e.kind, e.layer) for e in guard.events] == [(12, "exploding", "net.5.0")]
     assert guard.events[0].value == pytest.approx(1e20 * 16, rel=1e-6)  # 256 entries of 1e20
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skip_under_trainer_value_clipping_neither_crashes_nor_loses_the_clipping():
+    # Lightning clips after the guard's hook; torch's clip_grad_value_ fails on a step without any
+    # gradient (RuntimeError "Expected !nested_tensorlist[0].empty()"): the run crashed at step 5
+    class Watched(FaultyMLP):
+        def configure_optimizers(self):
+            opt = super().configure_optimizers()
+            self.largest = {}  # max |g| as the optimizer sees it (after Lightning's clipping)
+
+            def record(optimizer, args, kwargs):  # post-hook: the closure (hooks, clipping) ran inside step
+                grads = [p.grad for p in self.parameters() if p.grad is not None]
+                self.largest[self.global_step] = max((g.abs().max().item() for g in grads), default=None)
+
+            opt.register_step_post_hook(record)
+            return opt
+
+    guard = GradGuard()
+    model = Watched({5: "nan_layer"})
+    t = trainer(max_steps=10, callbacks=[guard], gradient_clip_val=0.01, gradient_clip_algorithm="value")
+    t.fit(model, digits_loader())
+    assert [(e.step, e.actions) for e in guard.events] == [(5, ("skip", "alert"))]
+    assert model.largest[5] is None  # skipped: no gradient reached the update
+    assert all(model.largest[s] == pytest.approx(0.01) for s in range(10) if s != 5)  # clipped, also after
+    assert t.gradient_clip_val == 0.01
+    assert all(torch.isfinite(p).all() for p in model.parameters())
