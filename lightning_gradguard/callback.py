@@ -43,6 +43,7 @@ from lightning_gradguard.stats import (
     _PYTHON_MAX_TENSORS,
     LayerPlan,
     LayerSums,
+    _tensor_norms,
     layer_series,
     layer_series_lists,
     layer_sums,
@@ -829,10 +830,16 @@ class GradGuard(Callback):
                 what = "NaN" if np.isnan(norm[first]) else "Inf"
                 names = ", ".join(_q(watch.series_name(i)) for i in layers[:5])
                 more = f" and {len(layers) - 5} more" if len(layers) > 5 else ""
+                text = (f"non-finite gradients ({what}) in {len(layers)} layer{'s' if len(layers) > 1 else ''}: "
+                        f"{names}{more}; global norm {_f(norm[0])}")
+                broken = self._broken_weights(watch, layers)
+                if broken:  # the gradients are the symptom: an earlier update broke the weights
+                    text += (f"; the weights of {', '.join(_q(watch.series_name(i)) for i in broken[:5])} are "
+                             f"non-finite already: an update before this step broke them (did the optimizer turn "
+                             f"finite gradients into NaN/Inf weights?)")
                 events.append(self._event(
-                    watch, step, "nonfinite", what.lower(), layers, float(norm[first]), math.inf,
-                    f"non-finite gradients ({what}) in {len(layers)} layer{'s' if len(layers) > 1 else ''}: "
-                    f"{names}{more}; global norm {_f(norm[0])}",
+                    watch, step, "nonfinite", "weights" if broken else what.lower(), broken or layers,
+                    float(norm[first]), math.inf, text,
                 ))
         else:
             watch.overflow_streak = 0
@@ -920,6 +927,20 @@ class GradGuard(Callback):
             text += f"; {total} layers vanishing: {names}{' ...' if total > 5 else ''}"
         return self._event(watch, step, "vanishing", reason, series, value, threshold, text)
 
+    def _broken_weights(self, watch: _Watch, series: list[int]) -> list[int]:
+        """Of the layers ``series`` (series indices, their gradients non-finite), those whose weights
+        hold NaN/Inf. One more read and sync, on such steps only. Not under sharded strategies: each
+        rank sees only its shards, and ranks deciding differently would hang."""
+        if self._reduce is not None:
+            return []
+        plan, wanted = watch.plan, set(series)
+        positions = [i for i, layer in enumerate(plan.layer_of_param) if layer + 1 in wanted]
+        weights = [plan.params[i] for i in positions]
+        with torch.no_grad():
+            largest = _tensor_norms(local_shards(weights) if plan.dtensor else weights, math.inf, watch.device)
+        bad = {plan.layer_of_param[i] + 1 for i, v in zip(positions, largest.tolist()) if not math.isfinite(v)}  # sync: such steps only
+        return [i for i in series if i in bad]
+
     def _event(self, watch, step, kind, reason, series, value, threshold, text) -> GradEvent:
         layers = tuple(name for name in (watch.series_name(i) for i in series) if name is not None)
         opt = f" (optimizer {watch.index})" if len(self._watches) > 1 or watch.index else ""
@@ -978,9 +999,13 @@ class GradGuard(Callback):
             taken["reduce_lr"] = self._reduce_lr(watch, step, rolled_back=bool(taken.get("rollback")))
         if events:
             watch.healthy_since = step + 1
-        if self.max_consecutive_skips is not None and watch.skip_streak >= self.max_consecutive_skips:
+        if "stop" in taken or self.max_consecutive_skips is None:
+            pass  # the first reason found is given (rollbacks exhausted)
+        elif watch.skip_streak >= self.max_consecutive_skips:
             # skipping cannot repair weights that are already broken: end the run instead of idling
             taken["stop"] = f"{watch.skip_streak} steps skipped in a row: max_consecutive_skips"
+        elif taken.get("skip") and not taken.get("rollback") and any(e.reason == "weights" for e in events):
+            taken["stop"] = "the weights are non-finite: skipping cannot repair them"  # no need to wait for the streak
 
         final = []
         for e in events:
@@ -1406,7 +1431,7 @@ def _on_device(value: Any) -> bool:
 
 
 # reasons that mean the weights are already damaged (a rollback is due even on the first bad step)
-_DAMAGE = frozenset({"growth", "grad_weight_ratio", "amp_overflow"})
+_DAMAGE = frozenset({"growth", "grad_weight_ratio", "amp_overflow", "weights"})
 
 
 def _is_sharded(strategy: Any) -> bool:

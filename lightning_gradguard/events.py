@@ -63,7 +63,7 @@ class GradEvent:
         threshold: the number it was compared with.
         actions: the responses taken, in order.
         message: one line with all of the above, as logged, alerted and raised.
-        reason: the detector that fired (``"nan"``, ``"inf"``, ``"amp_overflow"``, ``"spike"``,
+        reason: the detector that fired (``"nan"``, ``"inf"``, ``"weights"``, ``"amp_overflow"``, ``"spike"``,
             ``"growth"``, ``"max_norm"``, ``"update_ratio"``, ``"dead"``, ``"relative"``, ``"drop"``).
         optimizer: index of the optimizer in ``trainer.optimizers``.
         layers: every layer concerned, worst first.

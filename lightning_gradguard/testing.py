@@ -57,6 +57,13 @@ HINTS: dict[str, str] = {
         "exp() of a large number in the loss, or fp16 overflow (values above 65504: train in bf16, or use "
         "precision='16-mixed' with its GradScaler)."
     ),
+    "weights": (
+        "The weights themselves hold NaN/Inf: an earlier update broke them, and every gradient after it is NaN. "
+        "Usual causes: an optimizer step that divides by ~0 (Adam/AdamW with eps=1e-8 on fp16 weights, where eps "
+        "is 0: use precision='16-mixed' or 'bf16-mixed' rather than '16-true', or raise eps), a learning rate so high "
+        "the update overflows, or code that writes into the weights. Skipping cannot repair them; roll back "
+        "(on_nonfinite='rollback') or restart from a checkpoint."
+    ),
     "amp_overflow": (
         "The fp16 GradScaler overflows step after step: its scale is collapsing. Look for activations that overflow "
         "fp16 (above 65504): exp(), softmax without subtracting the max, large logits or attention scores; or train "

@@ -189,3 +189,26 @@ def test_skip_under_trainer_value_clipping_neither_crashes_nor_loses_the_clippin
     assert all(model.largest[s] == pytest.approx(0.01) for s in range(10) if s != 5)  # clipped, also after
     assert t.gradient_clip_val == 0.01
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("on_nonfinite", [("skip", "alert"), ("rollback", "alert")])
+def test_weights_broken_by_the_optimizer_are_named_and_the_run_ends_at_once(on_nonfinite):
+    # pure fp16 weights with Adam: eps=1e-8 is 0 in fp16, and the always-zero pixels of the digits give
+    # zero gradients, so step 0's update is 0/0 = NaN from finite gradients. Every later gradient is
+    # NaN; before, the guard skipped 25 steps saying "non-finite gradients" and then stopped
+    guard = GradGuard(on_nonfinite=on_nonfinite)
+    model = FaultyMLP({})
+    t = trainer(max_steps=48, callbacks=[guard], precision="16-true")
+    t.fit(model, digits_loader())
+    first = guard.events[0]
+    assert (first.step, first.kind, first.reason, first.layer) == (1, "nonfinite", "weights", "net.0")
+    assert "the weights of `net.0`, `net.2`, `net.4` are non-finite already" in first.message
+    last = guard.events[-1]
+    assert "stop" in last.actions
+    if on_nonfinite[0] == "skip":
+        assert len(guard.events) == 1 and t.global_step == 2  # stopped at once, not after 25 skips
+        assert "(the weights are non-finite: skipping cannot repair them)" in last.message
+    else:  # damage at once: rolled back to the snapshot of step 0, which the same update breaks again
+        assert first.actions[0] == "rollback"
+        assert guard._watches[0].counts["rollbacks"] == 3 and "max_rollbacks" in last.message
+        assert t.global_step < 10

@@ -142,7 +142,7 @@ def test_no_step_taken_is_an_error_not_a_pass():
 
 
 def test_every_reason_has_a_hint():
-    reasons = ("nan", "inf", "amp_overflow", "spike", "growth", "max_norm", "update_ratio", "dead", "relative", "drop")
+    reasons = ("nan", "inf", "weights", "amp_overflow", "spike", "growth", "max_norm", "update_ratio", "dead", "relative", "drop")
     for key in (*reasons, "nonfinite", "exploding", "vanishing"):
         assert len(HINTS[key]) > 40, key
     from lightning_gradguard import GradEvent
