@@ -531,7 +531,7 @@ class GradGuard(Callback):
     def _fail_safe(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         """After an internal error: where NaN/Inf protection was asked for (``"skip"`` or ``"rollback"``
         for ``nonfinite``), a step the guard could not analyse is still kept out of the weights if
-        its gradients are not finite. One plain check, on error steps only (a sync per tensor group).
+        its gradients are not finite. One plain check, on error steps only (one sync).
         Not under sharded strategies: there each rank holds other gradients, the ranks would have
         to agree, and one collective entered by one rank alone would hang the others. Not under a
         fp16 GradScaler either: it skips such steps itself."""
@@ -540,7 +540,8 @@ class GradGuard(Callback):
         try:
             with torch.no_grad():
                 grads = local_shards([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
-                finite = all(bool(torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all()) for g in grads)
+                flags = [torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all() for g in grads]
+                finite = not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())  # sync: error steps only
             if not finite:
                 self._skip(trainer, optimizer)
                 if trainer.is_global_zero:
@@ -648,8 +649,9 @@ class GradGuard(Callback):
         else:
             host = read.packed.cpu().numpy()  # sync: the only one per step
         n = len(read.positions)
-        # NaN/Inf reach the sum; so does a float32 sum of squares that overflowed (entries ~1e19+)
-        if not math.isfinite(sum(values[:n]) if lists else float(host[:n].sum())):  # host floats: no sync
+        # NaN/Inf reach the sum; so does a float32 sum of squares that overflowed (entries ~1e19+).
+        # Not under a GradScaler: its overflow steps hold real Infs, and it skips them itself
+        if self._scaler is None and not math.isfinite(sum(values[:n]) if lists else float(host[:n].sum())):  # host floats: no sync
             refined = _overflowed_norms(watch.plan, read.positions, values[:n] if lists else host[:n].tolist())
             if lists:
                 values[:n] = refined
@@ -935,6 +937,8 @@ class GradGuard(Callback):
             return []
         plan, wanted = watch.plan, set(series)
         positions = [i for i, layer in enumerate(plan.layer_of_param) if layer + 1 in wanted]
+        if not positions:  # only the global series flagged
+            return []
         weights = [plan.params[i] for i in positions]
         with torch.no_grad():
             largest = _tensor_norms(local_shards(weights) if plan.dtensor else weights, math.inf, watch.device)
