@@ -89,6 +89,11 @@ class _Watch:
     host_group_index: np.ndarray | None = None  # the same, on the host
     keys: dict = field(default_factory=dict)  # logged key of each metric name (see GradGuard._key)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
+    present: Any = None  # the last step's "has gradients" by series (a shared list or array: read only)
+    # after a resume: the layers (series) with gradients at the checkpoint's last step not seen since,
+    # and the steps watched for them (see GradGuard._check_resumed)
+    missing_since_resume: set[int] | None = None
+    steps_since_resume: int = 0
 
     def series_name(self, i: int) -> str | None:
         return None if i == 0 else self.plan.layers[i - 1]
@@ -567,6 +572,9 @@ class GradGuard(Callback):
         series = self._read(watch, optimizer, detail_step, param_step)
         if series is None:
             return
+        watch.present = series["present"]
+        if watch.missing_since_resume is not None:
+            self._check_resumed(trainer, watch)
         report = watch.detector.update(
             series["norm"], series["present"], series["nonfinite"],
             converged=self._loss.converged(),
@@ -928,6 +936,29 @@ class GradGuard(Callback):
             names = ", ".join(_q(watch.series_name(j)) for j in np.flatnonzero(flagged)[:5])
             text += f"; {total} layers vanishing: {names}{' ...' if total > 5 else ''}"
         return self._event(watch, step, "vanishing", reason, series, value, threshold, text)
+
+    def _check_resumed(self, trainer: Trainer, watch: _Watch) -> None:
+        """The first steps after a resume: a layer that had gradients at the checkpoint and has none
+        for ``_RESUME_CHECK_STEPS`` steps was most likely frozen again by the resume, as Lightning's
+        ``BaseFinetuning`` does when resumed past its unfreeze epoch (it restores the param groups, not
+        ``requires_grad``). Said once, as a warning: the guard cannot tell a deliberate freeze."""
+        present = watch.present
+        watch.missing_since_resume = {i for i in watch.missing_since_resume if not present[i]}
+        watch.steps_since_resume += 1
+        if watch.missing_since_resume and watch.steps_since_resume >= _RESUME_CHECK_STEPS:
+            missing = sorted(watch.missing_since_resume)
+            if trainer.is_global_zero:
+                names = ", ".join(_q(watch.series_name(i)) for i in missing[:5])
+                log.warning(
+                    "GradGuard: %d layer%s trained before the checkpoint %s had no gradient in the %d steps since "
+                    "the resume: %s%s. Frozen again by the resume? (Lightning's BaseFinetuning, resumed after its "
+                    "unfreeze epoch, restores the param groups but not requires_grad.)",
+                    len(missing), "s" if len(missing) > 1 else "", "have" if len(missing) > 1 else "has",
+                    watch.steps_since_resume, names, " ..." if len(missing) > 5 else "",
+                )
+            watch.missing_since_resume = None
+        elif not watch.missing_since_resume:
+            watch.missing_since_resume = None
 
     def _broken_weights(self, watch: _Watch, series: list[int]) -> list[int]:
         """Of the layers ``series`` (series indices, their gradients non-finite), those whose weights
@@ -1314,6 +1345,8 @@ class GradGuard(Callback):
                 "last_fired": {bit: v.tolist() for bit, v in w.last_fired.items()},  # numpy: no sync
                 "anchor": None if w.anchor is None else [w.anchor.tolist(), w.anchor_until.tolist()],  # numpy: no sync
                 "streaks": [w.bad_streak, w.skip_streak, w.rollbacks_in_a_row],
+                # numpy or a list, on the host: no sync
+                "present": None if w.present is None else [bool(v) for v in list(w.present)[1:]],
             }
         for index, pending in self._pending_state.items():
             watches.setdefault(index, pending)
@@ -1356,6 +1389,9 @@ class GradGuard(Callback):
         watch.bad_streak, watch.skip_streak, watch.rollbacks_in_a_row = state.get("streaks", [0, 0, 0])
         if watch.lr_scale is not None:
             watch.lr_scale.value = float(state.get("lr_scale", 1.0))
+        present = state.get("present")
+        if present and len(present) == watch.plan.num_layers:
+            watch.missing_since_resume = {i + 1 for i, had in enumerate(present) if had} or None
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1433,6 +1469,8 @@ def _on_device(value: Any) -> bool:
     """A tensor whose value lives on an accelerator (reading it on the host would sync)."""
     return isinstance(value, Tensor) and value.device.type != "cpu"
 
+
+_RESUME_CHECK_STEPS = 10  # steps after a resume within which the layers trained before it must show gradients
 
 # reasons that mean the weights are already damaged (a rollback is due even on the first bad step)
 _DAMAGE = frozenset({"growth", "grad_weight_ratio", "amp_overflow", "weights"})

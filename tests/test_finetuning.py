@@ -160,6 +160,10 @@ def test_resume_after_the_unfreeze_restores_every_layer(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
         t2.fit(model, digits_loader(), ckpt_path=path)
     assert "layers changed" not in caplog.text
+    # the guard says what happened: the backbone trained before the checkpoint, not since
+    assert caplog.text.count("trained before the checkpoint") == 1
+    assert ("2 layers trained before the checkpoint have had no gradient in the 10 steps since the resume: "
+            "`backbone.0`, `backbone.2`. Frozen again by the resume?") in caplog.text
     old, new = guard._watches[0].detector, resumed._watches[0].detector
     assert old.count.tolist() == [16, 16, 16, 32]
     # global and head went on from the checkpoint. Lightning 2.6's BaseFinetuning, resumed past its

@@ -1,12 +1,14 @@
 """Checkpoint round-trips (weights_only=True), and two guards side by side."""
 
+import logging
+
 import torch
 
 from helpers import DigitsMLP, digits_loader, trainer
 from lightning_gradguard import GradEvent, GradGuard
 
 
-def test_state_round_trips_through_a_real_checkpoint(tmp_path):
+def test_state_round_trips_through_a_real_checkpoint(tmp_path, caplog):
     guard = GradGuard()
     t = trainer(max_steps=15, callbacks=[guard])
     t.fit(DigitsMLP(), digits_loader())
@@ -19,12 +21,15 @@ def test_state_round_trips_through_a_real_checkpoint(tmp_path):
     assert state["events"][0]["layer"] == "net.0"
 
     resumed = GradGuard()
-    t2 = trainer(max_steps=20, callbacks=[resumed])
-    t2.fit(DigitsMLP(), digits_loader(), ckpt_path=path)
+    t2 = trainer(max_steps=30, callbacks=[resumed])
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        t2.fit(DigitsMLP(), digits_loader(), ckpt_path=path)
+    assert "since the resume" not in caplog.text  # every layer trained again
+    assert resumed._watches[0].missing_since_resume is None
     assert resumed.events[0] == guard.events[0]
     w_old, w_new = guard._watches[0], resumed._watches[0]
-    assert w_new.counts["steps"] == 20 == w_old.counts["steps"] + 5
-    assert w_new.detector.steps == 20
+    assert w_new.counts["steps"] == 30 == w_old.counts["steps"] + 15
+    assert w_new.detector.steps == 30
 
 
 def test_load_state_dict_does_not_mutate_its_input_and_tolerates_old_keys():
