@@ -32,7 +32,7 @@ import math
 import os
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -159,6 +159,34 @@ class FlowHistory:
         if len(self._pending) >= self._FOLD_EVERY:
             self._fold()
 
+    def relayout(self, layers: Sequence[str]) -> None:
+        """The optimizer's layers changed to ``layers`` (a param group added mid-run): every row goes
+        on by name; a new layer's row counts its past cells as zero norms (no gradients: grey).
+
+        >>> h = FlowHistory(["head"])
+        >>> h.add(0, [1.0, 1.0])
+        >>> h.relayout(["backbone", "head"])
+        >>> h.add(1, [2.0, 1.0, 1.0])
+        >>> h.zero_cells()[:, 0].tolist(), h.layers
+        ([False, True, False], ('backbone', 'head'))
+        """
+        self._fold()
+        where = {name: i + 1 for i, name in enumerate(self.layers)}
+        take = [0] + [where.get(name) for name in layers]
+        old = np.array([i if i is not None else 0 for i in take])
+        new = np.array([i is None for i in take])
+        used = self.columns
+        for name in ("_log_sum", "_finite", "_nonfinite", "_zero"):
+            values = getattr(self, name)[old]
+            values[new] = 0
+            setattr(self, name, values)
+        self._zero[new, :used] = 1  # no gradients there before
+        if self._latest is not None:
+            self._latest = np.where(new, 0.0, self._latest[old])
+        row = {i: j for j, i in enumerate(take) if i is not None}
+        self.events = deque((replace(m, row=row.get(m.row, 0)) for m in self.events), maxlen=self.events.maxlen)
+        self.layers = tuple(layers)
+
     def add_event(self, step: int, kind: str, layer: str | None) -> None:
         """Remember an event for marking; it belongs to the step added last."""
         row = 0 if layer is None or layer not in self.layers else self.layers.index(layer) + 1
@@ -272,8 +300,10 @@ class FlowRecorder:
     def add(self, optimizer: int, step: int, log_step: int, layers: Sequence[str], norms: np.ndarray | list[float]) -> bool:
         """Record a step; return whether a picture of this optimizer is due now."""
         history = self.histories.get(optimizer)
-        if history is None or history.layers != tuple(layers):
+        if history is None:
             history = self.histories[optimizer] = FlowHistory(layers, self.max_columns)
+        elif history.layers != tuple(layers):  # a param group added mid-run: the history goes on
+            history.relayout(layers)
         history.add(step, norms)
         self.log_steps[optimizer] = log_step
         return bool(self.every_n_steps) and history.steps_seen % self.every_n_steps == 0

@@ -265,3 +265,21 @@ def test_grad_histograms_edge_cases():
     assert grad_histograms([p], [0], [0]) == {}  # nothing finite
     with pytest.raises(ValueError, match=r"`bins` must be an integer in 1..512, got 513"):
         grad_histograms([p], [0], [0], bins=513)
+
+
+def test_the_flow_history_goes_on_across_a_param_group_added_mid_run(tmp_path):
+    # BackboneFinetuning adds the backbone at step 16: before, the picture restarted there and the
+    # first epoch disappeared from it
+    from test_finetuning import STEPS_PER_EPOCH, _fit
+
+    sink = PicturesSink(tmp_path, every_n_steps=0)
+    _fit("group", GradGuard(sinks=[sink]), max_epochs=2, faults={20: "nan"})
+    history = sink.recorder.histories[0]
+    assert history.layers == ("backbone.0", "backbone.2", "head")
+    assert history.steps_seen == 2 * STEPS_PER_EPOCH and history.stride == 1
+    zero, nonfinite = history.zero_cells(), history.nonfinite_cells()
+    assert zero[1:3, :STEPS_PER_EPOCH].all() and not zero[:, STEPS_PER_EPOCH:].any()  # grey while frozen
+    assert np.isfinite(history.mean_log10()[3]).all()  # the head: every step, before and after
+    assert nonfinite[:, 20].tolist() == [True, True, False, False]  # global and backbone.0
+    (mark,) = history.events
+    assert (mark.step, mark.row) == (20, 1)  # the event's marker on backbone.0's row
