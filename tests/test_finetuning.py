@@ -3,6 +3,7 @@ group, or requires_grad switched on in place) are guarded from the step they tra
 their trend state as they should, and neither the global norm's jump nor the absent (frozen) layers
 raise alarms or get logged as 0. A replaced optimizer is watched with state that fits it."""
 
+import csv
 import logging
 import math
 
@@ -85,8 +86,6 @@ def test_unfrozen_layers_are_measured_and_frozen_ones_not_logged(tmp_path, how):
     guard = GradGuard(log_layers="all", log_every_n_steps=1)
     _fit(how, guard, max_epochs=2, callbacks=[ref], logger=CSVLogger(tmp_path, name="", version=""))
     rows = {}
-    import csv
-
     with open(tmp_path / "metrics.csv") as f:
         for row in csv.DictReader(f):
             rows[int(row["step"])] = row
