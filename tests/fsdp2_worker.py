@@ -1,6 +1,6 @@
 """Standalone FSDP2 run (2 CPU processes, gloo) used by tests/test_fsdp2.py.
 
-Usage: python tests/fsdp2_worker.py OUT_DIR
+Usage: python tests/fsdp2_worker.py OUT_DIR [rollback]
 
 Lightning's ``ModelParallelStrategy`` with ``fully_shard`` on every Linear: the
 parameters and gradients are DTensors, each rank holding half of each one,
@@ -10,6 +10,9 @@ ranks at step 15. Every rank measures the *full* gradients and weights itself
 (``full_tensor()``, a collective) before the guard runs and after it, and
 writes them with what its guard saw to OUT_DIR/rank<r>.json; the guard's
 per-step norms come from a sink (rank 0 only), its metrics from a CSVLogger.
+
+``rollback``: instead, an Inf on rank 1 at steps 12 and 13 (damage) under
+``on_nonfinite="rollback"``, snapshots every 5 healthy steps, 2 steps old at least.
 """
 
 import json
@@ -40,8 +43,13 @@ class ShardedFaults(FaultyMLP):
                 fully_shard(module, mesh=replicated if i == len(self.net) - 1 else mesh)
         fully_shard(self, mesh=mesh)
 
+    rollback = False
+
     def training_step(self, batch, batch_idx):
-        self.faults = {15: "spike", **({5: "inf"} if self.global_rank == 1 else {})}
+        if self.rollback:
+            self.faults = {12: "inf", 13: "inf"} if self.global_rank == 1 else {}
+        else:
+            self.faults = {15: "spike", **({5: "inf"} if self.global_rank == 1 else {})}
         return super().training_step(batch, batch_idx)
 
 
@@ -94,6 +102,7 @@ class Report(pl.Callback):
             json.dump({
                 "events": [e.to_dict() for e in self.guard.events],
                 "internal_errors": self.guard.internal_errors,
+                "rollbacks": self.guard._watches[0].counts["rollbacks"],
                 "global_step": trainer.global_step,
                 "finite": finite,
                 "before": self.before.rows,
@@ -102,11 +111,16 @@ class Report(pl.Callback):
             }, f)
 
 
-def main(out):
+def main(out, mode="faults"):
     pl.seed_everything(0, verbose=False)
     sink = Norms()
-    guard = GradGuard(on_nonfinite=("skip", "alert"), on_exploding=("clip", "alert"), sinks=[sink],
-                      log_every_n_steps=1, detail_every_n_steps=5)
+    if mode == "rollback":
+        ShardedFaults.rollback = True
+        guard = GradGuard(on_nonfinite=("rollback", "alert"), rollback_every=5, rollback_margin=2, sinks=[sink],
+                          log_every_n_steps=1, detail_every_n_steps=5)
+    else:
+        guard = GradGuard(on_nonfinite=("skip", "alert"), on_exploding=("clip", "alert"), sinks=[sink],
+                          log_every_n_steps=1, detail_every_n_steps=5)
     before, after = Measure("before"), Measure("after")
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_steps=20, enable_checkpointing=False, enable_progress_bar=False,
@@ -118,4 +132,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -122,3 +122,22 @@ def test_one_process_dtensors_read_through_their_local_shards():
         assert grad_stats(plan).norm.tolist() == pytest.approx(want, rel=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+def test_rollback_restores_the_sharded_weights_exactly(tmp_path):
+    # an Inf on rank 1 at steps 12 and 13: the second means damage, and the newest snapshot at
+    # least 2 steps old (taken at step 10, every 5 healthy steps) is restored on both ranks
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, WORKER, str(tmp_path), "rollback"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert ranks[0]["events"] == ranks[1]["events"]
+    got = [(e["step"], e["reason"], e["actions"]) for e in ranks[0]["events"]]
+    assert got == [(12, "nan", ["skip", "alert"]), (13, "nan", ["rollback"])]
+    for r in ranks:
+        assert r["internal_errors"] == 0 and r["rollbacks"] == 1 and r["finite"] and r["global_step"] == 20
+        weights = {step: r["before"][str(step)]["weight"] for step in (10, 12, 13, 14)}
+        assert weights[13] == weights[12]  # step 12 skipped: nothing applied
+        assert weights[14] == pytest.approx(weights[10], rel=1e-12)  # the full weights of step 10, back
+        assert weights[14] != pytest.approx(weights[12], rel=1e-3)
