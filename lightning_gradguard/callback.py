@@ -350,6 +350,7 @@ class GradGuard(Callback):
         self._pending_state: dict[int, dict] = {}  # loaded before the optimizers exist
         self._lr_scales: dict[int, LRScale] = {}
         self._held_clip_val: float | None = None  # Trainer(gradient_clip_val) held back for a skipped step
+        self._ddp_frozen: list[tuple[str, Tensor]] | None = None  # frozen when DDP wrapped the model (see on_train_start)
         self._event_counts = {"nonfinite": 0, "exploding": 0, "vanishing": 0}
         # running loss level (the growth and vanishing gates), on the host; the losses of the steps
         # since the last optimizer step wait on the device and ride along with its one sync
@@ -397,6 +398,10 @@ class GradGuard(Callback):
         # the dict behind `trainer.callback_metrics`, kept for the whole fit: reading the property
         # recomputes Lightning's own metrics (~35 us per logged step on the benchmark CPU)
         self._callback_metrics = trainer.callback_metrics
+        # torch's DDP all-reduces only the parameters that required gradients when it wrapped the model:
+        # one unfrozen later trains apart on every rank (see _check_ddp_unfrozen)
+        ddp = isinstance(getattr(trainer.strategy, "model", None), torch.nn.parallel.DistributedDataParallel)
+        self._ddp_frozen = [(n, p) for n, p in pl_module.named_parameters() if not p.requires_grad] or None if ddp else None
         # LR hooks go in before the first step: Lightning runs the training closure (and so this
         # guard's first look at an optimizer) inside optimizer.step, after its pre-hooks ran
         if "reduce_lr" in self.on_nonfinite + self.on_exploding:
@@ -573,6 +578,8 @@ class GradGuard(Callback):
         if series is None:
             return
         watch.present = series["present"]
+        if self._ddp_frozen is not None:
+            self._check_ddp_unfrozen(trainer)
         if watch.missing_since_resume is not None:
             self._check_resumed(trainer, watch)
         report = watch.detector.update(
@@ -936,6 +943,27 @@ class GradGuard(Callback):
             names = ", ".join(_q(watch.series_name(j)) for j in np.flatnonzero(flagged)[:5])
             text += f"; {total} layers vanishing: {names}{' ...' if total > 5 else ''}"
         return self._event(watch, step, "vanishing", reason, series, value, threshold, text)
+
+    def _check_ddp_unfrozen(self, trainer: Trainer) -> None:
+        """Under DDP: a parameter frozen when DDP wrapped the model that now has a gradient was unfrozen
+        (Lightning's ``BackboneFinetuning``, ``requires_grad_(True)``). torch's DDP does not all-reduce it:
+        each rank trains it on its own batches and the replicas drift apart, silently. Said once, as a
+        warning; the guard's own numbers for those layers are then per rank. One ``p.grad`` look-up
+        (under 1 us) per frozen tensor per step, until the first unfreeze."""
+        unfrozen = [name for name, p in self._ddp_frozen if p.grad is not None]
+        if not unfrozen:
+            return
+        self._ddp_frozen = None
+        if trainer.is_global_zero:
+            layers = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in unfrozen))
+            log.warning(
+                "GradGuard: under DDP, %d parameter tensor%s frozen when DDP wrapped the model now get%s "
+                "gradients (%s%s), but DDP does not all-reduce them: every rank trains them on its own batches "
+                "and the replicas drift apart. Freeze by leaving them out of the optimizer instead of "
+                "requires_grad=False, or wrap the model again after unfreezing.",
+                len(unfrozen), "s" if len(unfrozen) > 1 else "", "" if len(unfrozen) > 1 else "s",
+                ", ".join(f"`{name}`" for name in layers[:5]), " ..." if len(layers) > 5 else "",
+            )
 
     def _check_resumed(self, trainer: Trainer, watch: _Watch) -> None:
         """The first steps after a resume: a layer that had gradients at the checkpoint and has none
