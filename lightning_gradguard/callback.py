@@ -70,7 +70,7 @@ class _Watch:
     plan: LayerPlan
     detector: TrendDetector
     optimizer: weakref.ref  # the optimizer object watched (a replaced one is re-watched)
-    param_count: tuple[int, int]  # its (param groups, parameters) the plan was made for
+    param_groups: int  # its number of param groups when the plan was made (add_param_group adds one)
     device: torch.device  # where the gradients live
     lr_scale: LRScale | None = None
     snapshots: Snapshots | None = None
@@ -717,19 +717,19 @@ class GradGuard(Callback):
                 watch.snapshots = Snapshots(self.rollback_keep)
             self._restore_watch(watch)
             self._watches[index] = watch
-        elif watch.optimizer() is not optimizer or _param_count(optimizer) != watch.param_count:
+        elif watch.optimizer() is not optimizer or len(optimizer.param_groups) != watch.param_groups:
             self._rewatch(trainer, pl_module, optimizer, watch)  # replaced, or add_param_group mid-run
         return watch
 
     def _plan(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer):
-        """The layer plan of every parameter ``optimizer`` holds, its parameter count and where its
-        gradients live. Frozen parameters (``requires_grad=False``) are in it: they have no gradient
+        """The layer plan of every parameter ``optimizer`` holds, its number of param groups and where
+        its gradients live. Frozen parameters (``requires_grad=False``) are in it: they have no gradient
         and so count as absent until unfrozen, when they are watched like any other."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), depth=self.group_depth, only=params)
         if plan.dtensor and self._reduce is None:  # sharded by a strategy not known by name (FSDP2 by hand)
             self._reduce = self._all_reduce(trainer, sharded=True)
-        return plan, _param_count(optimizer), params[0].device if params else torch.device("cpu")
+        return plan, len(optimizer.param_groups), params[0].device if params else torch.device("cpu")
 
     def _rewatch(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
                  watch: _Watch) -> None:
@@ -742,7 +742,7 @@ class GradGuard(Callback):
         state of before, which cannot be loaded into it any more: an Adam state loaded into a new
         SGD crashed its step). A replaced optimizer gets the LR scale afresh (1), on its own hooks."""
         old = watch.plan
-        watch.plan, watch.param_count, watch.device = self._plan(trainer, pl_module, optimizer)
+        watch.plan, watch.param_groups, watch.device = self._plan(trainer, pl_module, optimizer)
         before, now = _members(old), _members(watch.plan)
         index = {name: i for i, name in enumerate(old.layers)}
         same = set(map(id, old.params)) == set(map(id, watch.plan.params))
@@ -1423,13 +1423,6 @@ class GradGuard(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
-def _param_count(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """(param groups, parameters) of ``optimizer``: what changes when a group is added mid-run.
-    Two lengths per group, ~0.3 us a step."""
-    groups = optimizer.param_groups
-    return len(groups), sum(len(g["params"]) for g in groups)
-
-
 def _overflowed_norms(plan: LayerPlan, positions: Sequence[int], norms: list[float]) -> list[float]:
     """``norms`` (per tensor) with each +Inf recomputed in float64: a float32 sum of squares overflows
     for entries above ~1e19, and gradients that large are exploding, not non-finite (clipping them

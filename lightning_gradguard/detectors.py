@@ -255,11 +255,7 @@ class TrendDetector:
             good = [present[i] and not nonfinite[i] and isfinite(norm[i]) and norm[i] > 0 for i in unseen]
             admitted, remain = any(good), not all(good)
         if admitted and count[0] > 0:
-            fresh = TrendDetector(self.config, 1)
-            for name in _STATE:
-                values = getattr(self, name)
-                values[..., 0] = getattr(fresh, name)[..., 0]
-                setattr(self, name, values)
+            _copy_series(self, [0], TrendDetector(self.config, 1), [0])
             self._all_warm = False
         return remain
 
@@ -321,7 +317,7 @@ class TrendDetector:
             code[0] |= Code.CEILING
         grad_weight = [math.nan] * n_series
         if weight_norm is not None:
-            for i, w in enumerate(_host(weight_norm).tolist()):
+            for i, w in enumerate(_host(weight_norm).tolist()):  # host values (never a device tensor): no sync
                 if w > 0:
                     grad_weight[i] = norm[i] / max(w, _TINY)
             if c.max_grad_weight_ratio is not None and finite[0] and grad_weight[0] > c.max_grad_weight_ratio:
@@ -531,15 +527,19 @@ class TrendDetector:
         new = TrendDetector(self.config, len(source))
         kept = [(j, i) for j, i in enumerate(source) if i is not None]
         if kept:
-            to, frm = (list(x) for x in zip(*kept))
-            for name in _STATE:
-                values = getattr(new, name)
-                values[..., to] = getattr(self, name)[..., frm]
-                setattr(new, name, values)
+            _copy_series(new, [j for j, _ in kept], self, [i for _, i in kept])
         new.steps = self.steps
         new._all_warm = bool(new.count.min() >= max(self.config.warmup_steps, 1))
         new._unseen = bool((new.count[1:] == 0).any())
         return new
+
+
+def _copy_series(dst: TrendDetector, to: list[int], src: TrendDetector, frm: list[int]) -> None:
+    """Series ``to`` of ``dst`` take the whole state of series ``frm`` of ``src``."""
+    for name in _STATE:
+        values = getattr(dst, name)  # a copy in the Python-float mode, set back below
+        values[..., to] = getattr(src, name)[..., frm]
+        setattr(dst, name, values)
 
 
 def config_fields() -> tuple[str, ...]:

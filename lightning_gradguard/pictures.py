@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lightning_gradguard.sinks import GuardSink
+from lightning_gradguard.sinks import GuardSink, series_columns
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -171,8 +171,7 @@ class FlowHistory:
         ([False, True, False], ('backbone', 'head'))
         """
         self._fold()
-        where = {name: i + 1 for i, name in enumerate(self.layers)}
-        take = [0] + [where.get(name) for name in layers]
+        take = series_columns(self.layers, layers)
         old = np.array([i if i is not None else 0 for i in take])
         new = np.array([i is None for i in take])
         used = self.columns

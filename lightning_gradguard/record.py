@@ -51,7 +51,7 @@ from typing import IO, Any
 import numpy as np
 
 from lightning_gradguard.events import GradEvent
-from lightning_gradguard.sinks import GuardSink
+from lightning_gradguard.sinks import GuardSink, series_columns
 
 __all__ = ["FILENAME", "FORMAT", "VERSION", "NormSummary", "RecordError", "RecordSink", "RunRecord", "read_record"]
 
@@ -120,7 +120,7 @@ class NormSummary:
         s = self.series.get(optimizer)
         if s is None:
             return
-        take = _columns(old, new)
+        take = series_columns(old, new)
         pick = lambda a: np.array([a[i] if i is not None else 0 for i in take], dtype=a.dtype)  # noqa: E731
         self.series[optimizer] = _Series(pick(s.first), pick(s.last), pick(s.min), pick(s.max), pick(s.nonfinite),
                                          s.steps)
@@ -135,12 +135,6 @@ class NormSummary:
             }
             for opt, s in self.series.items()
         }
-
-
-def _columns(old: Sequence[str], new: Sequence[str]) -> list[int | None]:
-    """For each norms column of layout ``new`` (global first), its column in ``old`` (``None``: none)."""
-    where = {name: i + 1 for i, name in enumerate(old)}
-    return [0] + [where.get(name) for name in new]
 
 
 # ---------------------------------------------------------------------- writing
@@ -454,7 +448,8 @@ def read_record(path: str | os.PathLike) -> RunRecord:
         record.layers[opt] = tuple(final)
         record.steps[opt] = np.array([s for s, _, _ in items], dtype=np.int64)
         record.norms[opt] = np.stack([
-            n if layout == record.layers[opt] else np.array([n[i] if i is not None else 0.0 for i in _columns(layout, final)])
+            n if layout == record.layers[opt]
+            else np.array([n[i] if i is not None else 0.0 for i in series_columns(layout, final)])
             for _, n, layout in items
         ])
     return record

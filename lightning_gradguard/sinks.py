@@ -9,6 +9,7 @@ stop training.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +20,20 @@ if TYPE_CHECKING:
     from lightning_gradguard.callback import GradGuard
     from lightning_gradguard.events import GradEvent
 
-__all__ = ["GuardSink"]
+__all__ = ["GuardSink", "series_columns"]
+
+
+def series_columns(old: Sequence[str], new: Sequence[str]) -> list[int | None]:
+    """For each position of the norms layout of layers ``new`` (the global norm first, as
+    :meth:`GuardSink.on_step` gets them), its position in the layout of ``old``; ``None`` for a
+    layer ``old`` lacks. For sinks that keep history across a change of layers (a param group
+    added mid-run).
+
+    >>> series_columns(["head"], ["backbone", "head"])
+    [0, None, 1]
+    """
+    where = {name: i + 1 for i, name in enumerate(old)}
+    return [0] + [where.get(name) for name in new]
 
 
 class GuardSink:
