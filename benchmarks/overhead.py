@@ -73,6 +73,11 @@ Usage
     python benchmarks/overhead.py --quick              # smoke test, < 1 min
     python benchmarks/overhead.py --device cuda        # gpt + resnet50, bf16-mixed
     python benchmarks/overhead.py --models mlp --variants none,gradguard --steps 100 --repeats 5
+    python benchmarks/overhead.py --device cuda --models gpt --batch-size gpt=16 --no-separate \
+        --variants none,gradguard,gradguard_nolog,norm_pass   # alternating runs only, another batch size
+
+``gradguard_nolog`` (run only when named) is ``GradGuard(log_layers="none")``
+logging at event steps only: its read and detection without the logging.
 
 Results go to ``benchmarks/results/overhead-<machine-tag>.md`` and ``.json``
 (``--out PATH`` to change; ``--quick`` appends ``-quick``). The markdown file
@@ -132,7 +137,18 @@ except Exception:  # pragma: no cover - depends on the environment
 
 ALL_VARIANTS = ("none", "gradguard", "gradguard_layers", "grad_norm", "wandb_watch_1", "wandb_watch_100", "clip",
                 "norm_pass")
-GUARD_VARIANTS = ("gradguard", "gradguard_layers")
+# Diagnostic, not run unless named: GradGuard(log_layers="none") logging only at event steps, so
+# that its read and detection can be told apart from its logging.
+EXTRA_VARIANTS = ("gradguard_nolog",)
+GUARD_VARIANTS = ("gradguard", "gradguard_layers", "gradguard_nolog")
+
+
+def make_guard(variant: str, GradGuard):
+    if variant == "gradguard":
+        return GradGuard()
+    if variant == "gradguard_nolog":
+        return GradGuard(log_every_n_steps=10**9, log_layers="none")
+    return GradGuard(log_every_n_steps=1, log_layers="all")
 LEARNING_RATES = {"gpt": 3e-4}  # everything else: 1e-3 (AdamW)
 POOL_BATCHES = 8  # distinct synthetic batches per model, cycled by the DataLoader
 
@@ -309,7 +325,7 @@ def run_once(model_name: str, variant: str, pool: list, args, round_idx: int, *,
 
     cuda = args.device == "cuda"
     torch.manual_seed(args.seed)  # same initial weights for every variant
-    spec = build_model(model_name)
+    spec = build_model(model_name, **args.model_kwargs.get(model_name, {}))
     module_cls = GradNormRecipeModule if variant == "grad_norm" else BenchModule
     module = module_cls(spec.net, spec.loss_fn, LEARNING_RATES.get(model_name, 1e-3))
 
@@ -320,7 +336,7 @@ def run_once(model_name: str, variant: str, pool: list, args, round_idx: int, *,
     if variant in GUARD_VARIANTS:
         GradGuard, _ = _import_gradguard()
         try:
-            guard = GradGuard() if variant == "gradguard" else GradGuard(log_every_n_steps=1, log_layers="all")
+            guard = make_guard(variant, GradGuard)
         except TypeError as exc:  # the package may not have every argument yet
             res.skipped = f"GradGuard rejected the arguments: {exc}"
             return res
@@ -384,7 +400,7 @@ def run_once(model_name: str, variant: str, pool: list, args, round_idx: int, *,
 # ---------------------------------------------------------------- alternating blocks within one run
 TOGGLED_HOOKS = frozenset({"on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
                            "on_before_zero_grad", "on_train_batch_end"})
-ALTERNATING_VARIANTS = ("gradguard", "gradguard_layers", "norm_pass")  # the callback-based ones
+ALTERNATING_VARIANTS = ("gradguard", "gradguard_layers", "gradguard_nolog", "norm_pass")  # the callback-based ones
 
 
 class Alternating(Callback):
@@ -425,14 +441,14 @@ def alternating_callbacks(variant: str) -> list[Callback]:
     if variant == "norm_pass":
         return [NormPass()]
     GradGuard, _ = _import_gradguard()
-    return [GradGuard() if variant == "gradguard" else GradGuard(log_every_n_steps=1, log_layers="all")]
+    return [make_guard(variant, GradGuard)]
 
 
 def run_alternating(model_name: str, variant: str, pool: list, args) -> dict:
     """One run, the variant on in every other block of ``args.alternate`` steps: per-block-pair ratio
     of median step times (off block, then on block)."""
     torch.manual_seed(args.seed)
-    spec = build_model(model_name)
+    spec = build_model(model_name, **args.model_kwargs.get(model_name, {}))
     module = BenchModule(spec.net, spec.loss_fn, LEARNING_RATES.get(model_name, 1e-3))
     warmup, steps = args.warmup + args.alternate * 2, args.alternate_steps
     timer = StepTimer(warmup, args.device == "cuda", None, 0)
@@ -567,8 +583,11 @@ def render_markdown(meta: dict, table: list[dict], comparisons: list[dict], alte
         f"(log_every_n_steps={meta['log_every_n_steps']}), torch threads {meta['torch_threads']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- steps per run: {meta['warmup']} warm-up (discarded) + {meta['steps']} measured, "
-        f"{meta['repeats']} interleaved repeats ({meta['order']} order), run budget {meta['run_budget']} s",
+        f"{meta['repeats']} interleaved repeats ({meta['order']} order), run budget {meta['run_budget']} s"
+        if table else "- separate runs: none (`--no-separate`), only the alternating runs",
         f"- GradGuard import: {meta['gradguard_import']}",
+        *([f"- batch sizes (instead of the models' defaults): "
+           + ", ".join(f"{m} {n}" for m, n in meta["batch_sizes"].items())] if meta.get("batch_sizes") else []),
         f"- load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in meta['loadavg_start'])}, "
         f"at end {'/'.join(f'{x:.2f}' for x in meta['loadavg_end'])}; wall time {meta['wall_s']} s",
         "",
@@ -587,8 +606,8 @@ def render_markdown(meta: dict, table: list[dict], comparisons: list[dict], alte
             f"## Alternating blocks within one run (the steadier measurement)", "",
             f"One run per (model, variant), {meta['alternate_steps']} measured steps; the variant's callback is on "
             f"in every other block of {meta['alternate']} steps and off in the others, so both kinds of steps share "
-            "the model, the process and the same minutes of the machine's life (on this shared 2-core machine the "
-            "separate runs below differ by up to 10% between repeats of the *same* variant). ratio = median over "
+            "the model, the process and the same minutes of the machine's life (separate runs of the *same* variant "
+            "differed by up to 10% between repeats, on the shared 2-core CPU VM and on the H200's host alike). ratio = median over "
             "neighbouring (off, on) block pairs of median on-step / median off-step time; +ms likewise. in-hook ms = "
             "median over the on-steps of the time spent inside the callback's own per-step hooks (its direct cost, "
             "steadier than a difference of step times; it misses what the callback does to the caches of the work "
@@ -610,10 +629,12 @@ def render_markdown(meta: dict, table: list[dict], comparisons: list[dict], alte
             lines += [f"| {c['variant']} | {fmt(c['added_many_ms'])} | {fmt(c['added_few_ms'])} | {fmt(c['ratio'])} | "
                       f"{c['verdict']} |" for c in alt_comparisons]
         lines += ["", "## Separate runs, interleaved repeats", ""]
+    if not table:
+        lines += ["Not run (`--no-separate`)."]
     cols = ["model", "params", "tensors", "variant", "ms/step (median)", "IQR", "repeats", "ratio vs none",
             "+ms vs none"] + (["CPU ms/step", "CPU ratio"] if cpu else []) + ["in-step ms"] + \
         ([] if cpu else ["peak mem MB"]) + ["n"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i in (0, 3) else "---:" for i in range(len(cols))) + "|"]
+    lines += [] if not table else ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i in (0, 3) else "---:" for i in range(len(cols))) + "|"]
     for row in table:
         s = row["stats"]
         cells = [row["model"], f"{row['params']:,}", f"{row['tensors']:,}", row["variant"]]
@@ -736,6 +757,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "on in every other block of N steps (0: off; default 5)")
     p.add_argument("--alternate-steps", type=int, default=400, help="measured steps of each alternating run (default 400)")
     p.add_argument("--no-prewarm", action="store_true", help="skip the untimed warm-up run per model")
+    p.add_argument("--no-separate", action="store_true",
+                   help="only the alternating runs: no separate run per variant (grad_norm, wandb.watch and clip "
+                        "then go unmeasured)")
+    p.add_argument("--batch-size", action="append", default=[], metavar="MODEL=N",
+                   help="a model's batch size instead of its default (models.py), e.g. gpt=16; repeatable")
     p.add_argument("--quick", action="store_true", help="smoke test: mlp+few_tensors, 2+5 steps, 1 repeat (<1 min)")
     p.add_argument("--out", help="output path without extension (default benchmarks/results/overhead-<machine-tag>)")
     args = p.parse_args(argv)
@@ -753,14 +779,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if m in CUDA_MODELS and args.device != "cuda":
             p.error(f"model {m!r} is CUDA-sized; use --device cuda")
     for v in args.variants:
-        if v not in ALL_VARIANTS:
-            p.error(f"unknown variant {v!r}; choose from {','.join(ALL_VARIANTS)}")
+        if v not in ALL_VARIANTS + EXTRA_VARIANTS:
+            p.error(f"unknown variant {v!r}; choose from {','.join(ALL_VARIANTS + EXTRA_VARIANTS)}")
     if "none" not in args.variants:
         args.variants.insert(0, "none")  # ratios need the baseline
     args.steps = args.steps or (5 if args.quick else 50)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
+    args.model_kwargs = {}
+    for item in args.batch_size:
+        model, _, n = item.partition("=")
+        if model not in args.models or not n.isdigit() or int(n) < 1:
+            p.error(f"--batch-size {item!r}: expected MODEL=N with MODEL one of the models run "
+                    f"({','.join(args.models)}) and N a positive integer, e.g. gpt=16")
+        args.model_kwargs[model] = {"batch_size": int(n)}
     return args
 
 
@@ -793,8 +826,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = os.getloadavg()  # other work on the machine shows up here
     rng = random.Random(args.seed)
     table: list[dict] = []
-    for model_name in args.models:
-        spec = build_model(model_name)
+    for model_name in [] if args.no_separate else args.models:
+        spec = build_model(model_name, **args.model_kwargs.get(model_name, {}))
         n_params, n_tensors = count_params(spec.net)
         g = torch.Generator().manual_seed(args.seed)
         pool = [spec.make_batch(g) for _ in range(POOL_BATCHES)]
@@ -849,7 +882,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.alternate:
         print(f"\n## alternating blocks of {args.alternate} steps within one run", flush=True)
         for model_name in args.models:
-            spec = build_model(model_name)
+            spec = build_model(model_name, **args.model_kwargs.get(model_name, {}))
             g = torch.Generator().manual_seed(args.seed)
             pool = [spec.make_batch(g) for _ in range(POOL_BATCHES)]
             if args.device == "cuda":
@@ -885,6 +918,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": round(time.perf_counter() - t_start, 1), "notes": notes,
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "alternate": args.alternate, "alternate_steps": args.alternate_steps,
+        "batch_sizes": {m: kw["batch_size"] for m, kw in args.model_kwargs.items()},
     }
     md = render_markdown(meta, table, comparisons, alternating, alt_comparisons)
     out.parent.mkdir(parents=True, exist_ok=True)

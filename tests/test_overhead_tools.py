@@ -54,3 +54,77 @@ def test_alternating_runs_per_step_hooks_only_in_on_blocks_and_everything_else_a
     assert len(wrapper.hook_ms) == 12
     assert all(ms == 0.0 for ms, on_step in zip(wrapper.hook_ms, wrapper.step_flags) if not on_step)
     assert all(ms >= 2.0 for ms, on_step in zip(wrapper.hook_ms, wrapper.step_flags) if on_step)
+
+
+def test_batch_size_override_is_checked_and_reaches_the_model_builder(tmp_path, monkeypatch):
+    import pytest
+
+    import overhead
+
+    args = overhead.parse_args(["--models", "few_tensors", "--batch-size", "few_tensors=3"])
+    assert args.model_kwargs == {"few_tensors": {"batch_size": 3}}
+    for bad in ("gpt=16", "few_tensors=0", "few_tensors", "few_tensors=x"):  # a model not run, not a count
+        with pytest.raises(SystemExit):
+            overhead.parse_args(["--models", "few_tensors", "--batch-size", bad])
+
+    built = []
+    real = overhead.build_model
+
+    def spy(name, **kwargs):
+        built.append((name, kwargs))
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(overhead, "build_model", spy)
+    out = tmp_path / "r"
+    result = overhead.main(["--models", "few_tensors", "--batch-size", "few_tensors=3", "--no-separate",
+                            "--variants", "none,gradguard_nolog", "--warmup", "1", "--alternate", "2",
+                            "--alternate-steps", "8", "--logger", "csv", "--out", str(out)])
+    assert built and all(kw == {"batch_size": 3} for _, kw in built)
+    # --no-separate: no separate run at all, only the alternating one of the callback variant named
+    assert result["results"] == []
+    assert [(r["variant"], r["pairs"] > 0) for r in result["alternating"]] == [("gradguard_nolog", True)]
+    md = out.with_suffix(".md").read_text()
+    assert "Not run (`--no-separate`)" in md and "few_tensors 3" in md
+
+
+def test_nolog_variant_is_a_guard_that_logs_at_events_only():
+    from overhead import make_guard
+
+    from lightning_gradguard import GradGuard
+
+    guard = make_guard("gradguard_nolog", GradGuard)
+    assert (guard.log_layers, guard.log_every_n_steps) == ("none", 10**9)
+    assert make_guard("gradguard", GradGuard).log_layers == "topk"
+    assert make_guard("gradguard_layers", GradGuard).log_layers == "all"
+
+
+def test_gpu_check_verdicts_against_the_gpu_targets():
+    from gpu_check import _overhead_targets
+
+    def row(variant, ratio, added, mem=1000.0):
+        return {"model": "m", "variant": variant, "params": 2**20 * 25, "ratio": ratio, "added_ms": added,
+                "paired_ratio_median": ratio, "stats": {"peak_mem_mb": mem}}  # 100 MB of fp32 gradients
+
+    result = {
+        "results": [row("none", 1.0, 0.0), row("gradguard", 1.05, 1.0, mem=1001.0),
+                    row("gradguard_layers", 1.04, 2.0, mem=1010.0), row("grad_norm", 3.0, 50.0),
+                    row("wandb_watch_1", 4.0, 5.0)],
+        # alternating rows win over the separate runs where there is one
+        "alternating": [{"model": "m", "variant": "gradguard", "ratio": 1.015, "added_ms": 0.4}],
+        "alternating_many_vs_few": [{"variant": "gradguard", "added_many_ms": 3.0, "added_few_ms": 1.0,
+                                     "ratio": 3.0, "verdict": "ABOVE 2x"},
+                                    {"variant": "norm_pass", "added_many_ms": 1.0, "added_few_ms": 1.0,
+                                     "ratio": 1.0, "verdict": "reference"}],
+    }
+    text = "\n".join(_overhead_targets(result))
+    assert "m/gradguard: ratio 1.015 (alternating blocks" in text and "target <= 1.02 -> OK" in text
+    assert "m/gradguard_layers: ratio 1.040 (separate runs" in text and "target <= 1.05 -> OK" in text
+    assert "+0.40 ms against +50.00 ms, 125x less -> OK" in text  # grad_norm vs the alternating cost
+    assert "+0.40 ms against +5.00 ms, 12x less -> OK" in text
+    assert "+2.00 ms against +5.00 ms, 2x less -> BELOW 10x" in text
+    assert "+1.0 MB, +1.00 % of the 100 MB of gradients -> OK" in text
+    assert "+10.0 MB, +10.00 % of the 100 MB of gradients -> ABOVE 5 % OF THE GRADIENTS" in text
+    assert "many_tensors vs few_tensors, gradguard (alternating): +3.000 ms against +1.000 ms, 3.00x -> ABOVE 2x" in text
+    assert "norm_pass" not in text  # the floor is a reference, not judged
+    above = _overhead_targets({**result, "alternating": [], "results": [row("none", 1.0, 0.0), row("gradguard", 1.021, 0.8)]})
+    assert "ratio 1.021 (separate runs" in above[0] and above[0].endswith("ABOVE TARGET")
