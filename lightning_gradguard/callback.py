@@ -914,6 +914,11 @@ class GradGuard(Callback):
             text += f"; {others} more layer{'s' if others > 1 else ''}{' and the global norm' if 0 in series[1:] else ''} also flagged"
         elif 0 in series[1:]:
             text += "; the global norm too"
+        elif i == 0 and host.shape[1] > 2:  # no layer flagged by its own series: say where the norm is
+            squares = np.nan_to_num(host[Row.NORM, 1:], nan=0.0, posinf=0.0) ** 2
+            if squares.sum() > 0:
+                j = int(np.argmax(squares))
+                text += f"; {100 * squares[j] / squares.sum():.0f}% of it in {_q(watch.series_name(j + 1))}"
         return self._event(watch, step, "exploding", reason, series, value, threshold, text)
 
     def _vanishing(self, watch: _Watch, host: np.ndarray, step: int, new: np.ndarray, flagged: np.ndarray) -> GradEvent:

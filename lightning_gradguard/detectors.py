@@ -124,7 +124,7 @@ class DetectorConfig:
         return asdict(self)
 
 
-_STATE = ("count", "level", "scale", "fast", "maxseen", "peak", "streak", "ring")
+_STATE = ("count", "level", "scale", "fast", "maxseen", "peak", "streak", "ring", "seen")
 
 
 def _host(x, dtype=np.float64) -> np.ndarray:
@@ -192,6 +192,7 @@ class TrendDetector:
         self.peak = np.full(s, -math.inf)
         self.streak = np.zeros(s)
         self.ring = np.full((c.growth_window, s), math.nan)
+        self.seen = np.zeros(s)
         # constants of the update, in log10 units
         self._log_spike_min = math.log10(c.spike_min_ratio)
         self._log_warmup_spike = math.log10(c.warmup_spike_ratio)
@@ -199,7 +200,7 @@ class TrendDetector:
         self._log_vanish = math.log10(c.vanish_factor)
         self._log_drop = math.log10(c.vanish_drop)
         self._all_warm = False  # every series past warm-up, with one observation at least: the steady state
-        self._unseen = num_series > 1  # some layer series has had no observation yet (see _admit)
+        self._unseen = num_series > 1  # some layer series has never had a gradient yet (see _admit)
 
     def update(
         self,
@@ -227,33 +228,37 @@ class TrendDetector:
         until the next update (some are the live state): no numpy call at all.
         """
         if self._unseen:
-            self._unseen = self._admit(norm, present, nonfinite)
+            self._unseen = self._admit(present)
         if not self.vectorized:
             rows = self._update_scalar(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
             return rows if lists else np.array(rows, dtype=np.float64)
         with np.errstate(all="ignore"):  # NaN/Inf are data here (a NaN norm is a finding, not an error)
             return self._update(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
 
-    def _admit(self, norm, present, nonfinite) -> bool:
-        """Before a step's update, while some layer has never been observed: if one is now (a frozen
+    def _admit(self, present) -> bool:
+        """Before a step's update, while some layer has never had a gradient: if one has now (a frozen
         layer was unfrozen, a new param group added, an expert routed to for the first time), the
         global norm covers gradients it never covered, and a jump of it is no explosion; the global
-        series starts afresh, warm-up included. Returns whether a layer remains unobserved."""
+        series starts afresh, warm-up included. Returns whether a layer remains without a gradient.
+        A layer whose gradient was there but exactly 0 (dead, or underflowed) has been covered all
+        along: its coming back to life is no admission, and an explosion of it is one of the global
+        norm too."""
+        count = self._series_state["count"]
         if self.vectorized:
-            count, x = self.count, _host(norm)
-            unseen = count == 0
+            seen, now = self.seen, _host(present, bool)
+            unseen = seen == 0
             unseen[0] = False
-            with np.errstate(invalid="ignore"):
-                good = _host(present, bool) & ~_host(nonfinite, bool) & np.isfinite(x) & (x > 0)
-            admitted, remain = bool((unseen & good).any()), bool((unseen & ~good).any())
+            admitted, remain = bool((unseen & now).any()), bool((unseen & ~now).any())
+            seen[now] = 1.0
+            self.seen = seen
         else:  # Python floats, as _update_scalar (frozen layers keep this running every step)
-            count, isfinite = self._series_state["count"], math.isfinite
-            norm = norm if type(norm) is list else _host(norm).tolist()  # numpy (host arrays only): no sync
+            seen = self._series_state["seen"]  # the live list, updated in place
             present = present if type(present) is list else _host(present, bool).tolist()  # no sync
-            nonfinite = nonfinite if type(nonfinite) is list else _host(nonfinite, bool).tolist()  # no sync
-            unseen = [i for i in range(1, self.num_series) if count[i] == 0]
-            good = [present[i] and not nonfinite[i] and isfinite(norm[i]) and norm[i] > 0 for i in unseen]
-            admitted, remain = any(good), not all(good)
+            unseen = [i for i in range(1, self.num_series) if not seen[i]]
+            admitted, remain = any(present[i] for i in unseen), not all(present[i] for i in unseen)
+            for i in range(self.num_series):
+                if present[i]:
+                    seen[i] = 1.0
         if admitted and count[0] > 0:
             _copy_series(self, [0], TrendDetector(self.config, 1), [0])
             self._all_warm = False
@@ -483,6 +488,7 @@ class TrendDetector:
     peak = _series_property("peak")  # highest fast level after warm-up
     streak = _series_property("streak")  # consecutive steps the vanishing condition held
     ring = _series_property("ring")  # [growth_window, S] past fast levels (a list of rows in Python mode)
+    seen = _series_property("seen")  # 1 once the series has had a gradient (was present) at some step
 
     def clip_threshold(self, report: np.ndarray) -> float:
         """The global norm this step is clipped to: the spike threshold, or ``max_norm`` (inf: no clipping)."""
@@ -510,8 +516,10 @@ class TrendDetector:
             if isinstance(value, Tensor) and tuple(value.shape) == current.shape:
                 setattr(self, name, value.detach().cpu().double().numpy().copy())
         self.steps = int(state.get("steps", self.steps))
+        if not isinstance(state.get("seen"), Tensor):  # a checkpoint from before "seen" was kept
+            self.seen = self.count > 0
         self._all_warm = bool(self.count.min() >= max(self.config.warmup_steps, 1))
-        self._unseen = bool((self.count[1:] == 0).any())
+        self._unseen = bool((self.seen[1:] == 0).any())
 
     def remap(self, source: Sequence[int | None]) -> TrendDetector:
         """A detector of ``len(source)`` series where series ``j`` goes on from this one's series
@@ -530,7 +538,7 @@ class TrendDetector:
             _copy_series(new, [j for j, _ in kept], self, [i for _, i in kept])
         new.steps = self.steps
         new._all_warm = bool(new.count.min() >= max(self.config.warmup_steps, 1))
-        new._unseen = bool((new.count[1:] == 0).any())
+        new._unseen = bool((new.seen[1:] == 0).any())
         return new
 
 

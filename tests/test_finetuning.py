@@ -17,7 +17,7 @@ from torch import nn
 
 from helpers import FaultyMLP, NormRecorder, digits_loader, trainer
 from lightning_gradguard import GradGuard
-from lightning_gradguard.detectors import DetectorConfig, Row, TrendDetector
+from lightning_gradguard.detectors import Code, DetectorConfig, Row, TrendDetector
 
 STEPS_PER_EPOCH = 16  # 512 digits, batch 32
 UNFREEZE_EPOCH = 1
@@ -233,3 +233,29 @@ def test_a_replaced_optimizer_gets_no_stale_snapshot_and_its_own_lr_scale():
     assert watch.detector.count[0] > 30  # the same parameters: the global trend went on
     assert guard.internal_errors == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_layer_with_zero_gradients_is_no_newcomer_when_it_explodes():
+    """A layer whose gradient was there but exactly 0 (dead, or underflowed through a deep stack)
+    was covered by the global norm all along: when it blows up, the global series must not restart
+    as for a frozen layer's first gradient (which swallowed a 1.6e21 spike in a 122-layer model)."""
+    config = DetectorConfig(warmup_steps=3)
+    rng = np.random.default_rng(0)
+    for vectorized in (False, True):
+        det = TrendDetector(config, 3, vectorized=vectorized)
+        for _ in range(6):  # series 2 present with a zero norm
+            det.update([1.0 + rng.random(), 1.0 + rng.random(), 0.0], [True] * 3, [False] * 3)
+        before = det.state_dict()
+        report = np.asarray(det.update([1e21, 1.5, 1e21], [True] * 3, [False] * 3))
+        assert int(report[Row.CODE, 0]) & Code.SPIKE, vectorized  # the global norm's spike is seen
+        assert det.count.tolist()[0] == 7  # the global series went on (a restart would leave 1)
+        assert det.seen.tolist() == [1.0, 1.0, 1.0]
+        # the state survives a checkpoint; one from before "seen" was kept takes it from the counts
+        # (best effort: a layer that had only zero norms counts as never seen again)
+        fresh = TrendDetector(config, 3, vectorized=vectorized)
+        fresh.load_state_dict(det.state_dict())
+        assert fresh.seen.tolist() == [1.0, 1.0, 1.0] and not fresh._unseen
+        old = {k: v for k, v in before.items() if k != "seen"}
+        fresh = TrendDetector(config, 3, vectorized=vectorized)
+        fresh.load_state_dict(old)
+        assert fresh.seen.tolist() == [1.0, 1.0, 0.0] and fresh._unseen
