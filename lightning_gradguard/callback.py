@@ -1488,7 +1488,7 @@ def _host_series(plan: LayerPlan, sums: LayerSums, flat: np.ndarray) -> dict[str
     return out
 
 
-_SMALL = 64  # up to this many layers, host work on them is cheaper in Python floats than in numpy
+_SMALL = 112  # up to this many layers, host work on them is cheaper in Python floats than in numpy (see detectors)
 
 
 def _on_device(value: Any) -> bool:
