@@ -141,16 +141,17 @@ ALL_VARIANTS = ("none", "gradguard", "gradguard_layers", "grad_norm", "wandb_wat
 # that its read and detection can be told apart from its logging.
 EXTRA_VARIANTS = ("gradguard_nolog",)
 GUARD_VARIANTS = ("gradguard", "gradguard_layers", "gradguard_nolog")
+LEARNING_RATES = {"gpt": 3e-4}  # everything else: 1e-3 (AdamW)
+POOL_BATCHES = 8  # distinct synthetic batches per model, cycled by the DataLoader
 
 
 def make_guard(variant: str, GradGuard):
+    """The GradGuard of a guard variant (``GradGuard`` passed in: it is imported late, see _import_gradguard)."""
     if variant == "gradguard":
         return GradGuard()
     if variant == "gradguard_nolog":
         return GradGuard(log_every_n_steps=10**9, log_layers="none")
     return GradGuard(log_every_n_steps=1, log_layers="all")
-LEARNING_RATES = {"gpt": 3e-4}  # everything else: 1e-3 (AdamW)
-POOL_BATCHES = 8  # distinct synthetic batches per model, cycled by the DataLoader
 
 
 def _import_gradguard():
