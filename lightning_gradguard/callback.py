@@ -667,7 +667,7 @@ class GradGuard(Callback):
         # NaN/Inf reach the sum; so does a float32 sum of squares that overflowed (entries ~1e19+).
         # Not under a GradScaler: its overflow steps hold real Infs, and it skips them itself
         if self._scaler is None and not math.isfinite(sum(values[:n]) if lists else float(host[:n].sum())):  # host floats: no sync
-            refined = _overflowed_norms(watch.plan, read.positions, values[:n] if lists else host[:n].tolist())
+            refined = _overflowed_norms(watch.plan, read.positions, values[:n] if lists else host[:n].tolist())  # numpy: no sync
             if lists:
                 values[:n] = refined
             else:
@@ -1346,7 +1346,7 @@ class GradGuard(Callback):
             return []
         n = host.shape[1] - 1
         if isinstance(present, np.ndarray):  # many layers, or sharded
-            live = range(1, n + 1) if present[1:].all() else (np.flatnonzero(present[1:]) + 1).tolist()
+            live = range(1, n + 1) if present[1:].all() else (np.flatnonzero(present[1:]) + 1).tolist()  # numpy: no sync
         else:
             live = range(1, n + 1) if all(present) else [i for i in range(1, n + 1) if present[i]]
         if self.log_layers == "all" or len(live) <= 2 * self.top_k:
@@ -1358,7 +1358,7 @@ class GradGuard(Callback):
             return sorted(set(order[: self.top_k] + order[-self.top_k :]))
         live = np.asarray(live)
         order = live[np.argsort(np.nan_to_num(host[Row.NORM, live], nan=np.inf), kind="stable")]
-        return np.union1d(order[: self.top_k], order[-self.top_k :]).tolist()
+        return np.union1d(order[: self.top_k], order[-self.top_k :]).tolist()  # numpy: no sync
 
     # ------------------------------------------------------------------ checkpointing
     @override

@@ -331,7 +331,7 @@ class TrendDetector:
                     grad_weight[i] = norm[i] / max(w, _TINY)
             if c.max_grad_weight_ratio is not None and finite[0] and grad_weight[0] > c.max_grad_weight_ratio:
                 code[0] |= Code.GRAD_WEIGHT
-        ratio_row = [math.nan] * n_series if update_ratio is None else _host(update_ratio).tolist()
+        ratio_row = [math.nan] * n_series if update_ratio is None else _host(update_ratio).tolist()  # host values: no sync
         if update_ratio is not None and c.max_update_ratio is not None:
             for i in range(n_series):
                 if present[i] and ratio_row[i] > c.max_update_ratio:
