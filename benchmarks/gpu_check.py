@@ -27,11 +27,18 @@ written section by section, so a run cut short still leaves what it measured):
     (GradScaler path), once clean and once with one deliberately overflowing
     step (loss x 1e30 at step 15), printing the guard's events and the
     ``grad/`` metrics it logged (read back from a CSVLogger).
+(d) **``GradGuard(sync="deferred")``**, with ``AdamW(fused=True)`` for every
+    variant: (b)'s sync count for it next to ``GradGuard()`` (target: none
+    from the guard's code), then ``overhead.py --fused --no-separate`` on
+    ``gpt`` (batch 8 and 16) and ``resnet50`` (batch 64 and 128): no monitor,
+    ``GradGuard()``, ``GradGuard(sync="deferred")`` and the one-sync floor
+    ``norm_pass`` in alternating blocks, judged against the 2 % target.
 
 Usage (on the GPU machine, from the repository root)::
 
     python benchmarks/gpu_check.py                 # all three: 451 s on an H200 cut it inside the last group
-    python benchmarks/gpu_check.py --skip-bench    # only (b) and (c), ~1 min
+    python benchmarks/gpu_check.py --skip-bench    # only (b), (c) and (d)'s sync count, ~1 min
+    python benchmarks/gpu_check.py --only d        # sync="deferred": syncs, then GPT and ResNet-50 (~5 min?)
     python benchmarks/gpu_check.py --out-dir /some/dir --alternate-steps 150
     python benchmarks/gpu_check.py --accelerator cpu --steps 5 --warmup 2 --repeats 1 --alternate-steps 40 \
         --out-dir /tmp/gc                          # smoke test of this script on a CPU (~1 min), no GPU claims
@@ -97,7 +104,10 @@ class Report:
 # One overhead.py run per group, each with its own results files, so a check cut short keeps what it finished.
 GROUPS = {"cuda": (("gpt",), ("resnet50",), ("many_tensors", "few_tensors")), "cpu": (("mlp",),)}
 SMALL_VARIANTS = "none,gradguard,gradguard_layers,norm_pass"  # many vs few: the guard against the floor
-GPU_TARGETS = {"gradguard": 1.02, "gradguard_layers": 1.05}  # ratio to no monitor (issue #8)
+GPU_TARGETS = {"gradguard": 1.02, "gradguard_layers": 1.05, "gradguard_deferred": 1.02}  # ratio to no monitor (#8)
+# (d): sync="deferred" against GradGuard() and the one-sync floor, fused AdamW throughout, the issue's batch sizes
+DEFERRED_GROUPS = {"cuda": (("gpt", 8), ("gpt", 16), ("resnet50", 64), ("resnet50", 128)), "cpu": (("mlp", 64),)}
+DEFERRED_VARIANTS = "none,gradguard,gradguard_deferred,norm_pass"
 
 
 def _overhead_targets(result: dict) -> list[str]:
@@ -135,9 +145,19 @@ def _overhead_targets(result: dict) -> list[str]:
     return lines
 
 
-def check_overhead(args, report: Report) -> None:
+def _run_overhead(report: Report, argv: list[str], title: str) -> tuple[dict, float] | None:
+    """``overhead.main(argv)`` and its seconds; ``None`` when it failed (its traceback then goes into the report)."""
     import overhead
 
+    t = time.perf_counter()
+    try:
+        return overhead.main(argv), time.perf_counter() - t
+    except Exception:
+        report.add(f"## {title}: failed\n\n```\n{traceback.format_exc()}\n```")
+        return None
+
+
+def check_overhead(args, report: Report) -> None:
     for models in GROUPS[args.accelerator]:
         out = args.out_dir / f"overhead-{_card_slug(args.accelerator)}-{'-'.join(models)}"
         argv = ["--device", args.accelerator, "--models", ",".join(models), "--steps", str(args.steps),
@@ -145,16 +165,14 @@ def check_overhead(args, report: Report) -> None:
                 "--alternate-steps", str(args.alternate_steps), "--out", str(out)]
         if len(models) > 1:
             argv += ["--variants", SMALL_VARIANTS]
-        t = time.perf_counter()
-        try:
-            result = overhead.main(argv)
-        except Exception:
-            report.add(f"## (a) Overhead, {', '.join(models)}: failed\n\n```\n{traceback.format_exc()}\n```")
+        ran = _run_overhead(report, argv, f"(a) Overhead, {', '.join(models)}")
+        if ran is None:
             continue
+        result, seconds = ran
         md = out.with_suffix(".md").read_text()
         # Everything after the title: command, versions, tables, GradGuard cost, notes.
         report.add(f"## (a) Overhead on {args.accelerator}, {', '.join(models)} (benchmarks/overhead.py, "
-                   f"{time.perf_counter() - t:.0f} s)\n\n" + md.split("\n", 1)[1].strip())
+                   f"{seconds:.0f} s)\n\n" + md.split("\n", 1)[1].strip())
         report.add("\n".join([f"### Targets, {', '.join(models)}", ""] + (_overhead_targets(result) or ["- (no rows)"])))
 
 
@@ -188,7 +206,7 @@ def _sync_counting_callbacks(warmup: int, measure: int, cuda: bool):
 
 
 def count_syncs(model_name: str, variant: str, log_every: int, accelerator: str = "cuda", warmup: int = 3,
-                measure: int = 5) -> dict:
+                measure: int = 5, fused: bool = False) -> dict:
     """Train a few steps; return sync warnings per measured step and the lines that caused them."""
     import lightning.pytorch as L
     import torch
@@ -200,7 +218,7 @@ def count_syncs(model_name: str, variant: str, log_every: int, accelerator: str 
     torch.manual_seed(0)
     spec = build_model(model_name)
     module_cls = overhead.GradNormRecipeModule if variant == "grad_norm" else overhead.BenchModule
-    module = module_cls(spec.net, spec.loss_fn, 1e-3)
+    module = module_cls(spec.net, spec.loss_fn, 1e-3, fused)
     g = torch.Generator().manual_seed(0)
     pool = [spec.make_batch(g) for _ in range(4)]
     total = warmup + measure + 1
@@ -211,7 +229,8 @@ def count_syncs(model_name: str, variant: str, log_every: int, accelerator: str 
     if variant.startswith("gradguard"):
         from lightning_gradguard import GradGuard
 
-        callbacks.append(GradGuard() if variant == "gradguard" else GradGuard(log_layers="all"))
+        callbacks.append({"gradguard": GradGuard, "gradguard_layers": lambda: GradGuard(log_layers="all"),
+                          "gradguard_deferred": lambda: GradGuard(sync="deferred")}[variant]())
     tmp = tempfile.mkdtemp(prefix="gradguard-sync-")
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision="bf16-mixed", max_steps=total, max_epochs=1,
                         logger=CSVLogger(tmp), log_every_n_steps=log_every, callbacks=callbacks,
@@ -239,20 +258,25 @@ def count_syncs(model_name: str, variant: str, log_every: int, accelerator: str 
             "guard_sites": {k: v / n for k, v in sites.items() if "lightning_gradguard" in k}}
 
 
-def check_syncs(args, report: Report) -> None:
-    lines = ["## (b) Host syncs per optimizer step (torch.cuda.set_sync_debug_mode('warn'))", "",
+def check_syncs(args, report: Report, deferred: bool = False) -> None:
+    """(b), or with ``deferred`` (d)'s sync count: fused AdamW, GradGuard() against sync="deferred"."""
+    title = ("## (d) Host syncs per optimizer step with sync='deferred', AdamW(fused=True)" if deferred else
+             "## (b) Host syncs per optimizer step")
+    lines = [f"{title} (torch.cuda.set_sync_debug_mode('warn'))", "",
              "bf16-mixed, 3 warm-up steps then 5 counted steps. 'guard lines' = warnings raised from "
              "lightning_gradguard's own code; 'vs none' = total minus the no-monitor run (includes Lightning's "
              "own `.item()` per logged tensor metric at the logger flush).", "",
              "| model | log_every_n_steps | variant | syncs per step | vs none | from guard lines per step | top sites |",
              "|---|---:|---|---|---:|---:|---|"]
     verdicts = []
-    for model_name in ("mlp", "many_tensors"):
+    variants = ("none", "gradguard", "gradguard_deferred") if deferred else (
+        "none", "gradguard", "gradguard_layers", "grad_norm")
+    for model_name in ("mlp",) if deferred else ("mlp", "many_tensors"):
         for log_every in (1000, 1):
             base = None
-            for variant in ("none", "gradguard", "gradguard_layers", "grad_norm"):
+            for variant in variants:
                 try:
-                    r = count_syncs(model_name, variant, log_every, args.accelerator)
+                    r = count_syncs(model_name, variant, log_every, args.accelerator, fused=deferred)
                 except Exception as exc:
                     traceback.print_exc()
                     lines.append(f"| {model_name} | {log_every} | {variant} | failed: {type(exc).__name__}: {exc} | | | |")
@@ -264,11 +288,40 @@ def check_syncs(args, report: Report) -> None:
                 top = "; ".join(f"`{k}` {v:g}" for k, v in list(r["sites"].items())[:4]) or "–"
                 delta = "–" if base is None else f"{mean - base:+.1f}"
                 lines.append(f"| {model_name} | {log_every} | {variant} | {r['per_step']} | {delta} | {guard_lines:g} | {top} |")
-                if variant.startswith("gradguard") and log_every == 1000 and base is not None:
+                if variant == "gradguard_deferred":
+                    ok = guard_lines == 0
+                    verdicts.append(f"- {model_name}/{variant}, log_every_n_steps={log_every}: {mean - base:+.1f} syncs "
+                                    f"vs none, {guard_lines:g} from guard code -> {'OK (none)' if ok else 'NOT SYNC-FREE'}")
+                elif variant.startswith("gradguard") and log_every == 1000 and base is not None:
                     ok = mean - base <= 1 and guard_lines <= 1
                     verdicts.append(f"- {model_name}/{variant}, non-logging steps: {mean - base:+.1f} syncs vs none, "
                                     f"{guard_lines:g} from guard code -> {'OK (<= 1)' if ok else 'ABOVE TARGET (> 1)'}")
     report.add("\n".join(lines + [""] + verdicts))
+
+
+# ---------------------------------------------------------------- (d) sync="deferred"
+def check_deferred(args, report: Report) -> None:
+    check_syncs(args, report, deferred=True)
+    for model, batch in DEFERRED_GROUPS[args.accelerator]:
+        out = args.out_dir / f"overhead-{_card_slug(args.accelerator)}-deferred-{model}-b{batch}"
+        argv = ["--device", args.accelerator, "--models", model, "--batch-size", f"{model}={batch}", "--fused",
+                "--no-separate", "--variants", DEFERRED_VARIANTS, "--warmup", str(args.warmup),
+                "--alternate-steps", str(args.alternate_steps), "--out", str(out)]
+        ran = _run_overhead(report, argv, f"(d) sync='deferred', {model} batch {batch}")
+        if ran is None:
+            continue
+        result, seconds = ran
+        rows = [r for r in result.get("alternating", []) if "ratio" in r]
+        lines = [f"## (d) sync='deferred', {model} batch {batch}, AdamW(fused=True) ({out.name}.md, "
+                 f"{seconds:.0f} s)", "",
+                 "| variant | ratio (on / off) | +ms/step | ratio IQR | in-hook ms | target |", "|---|---:|---:|---|---:|---|"]
+        for r in rows:
+            limit = GPU_TARGETS.get(r["variant"])
+            verdict = "floor" if limit is None else ("OK" if r["ratio"] <= limit else "ABOVE TARGET")
+            lines.append(f"| {r['variant']} | {r['ratio']:.3f} | {r['added_ms']:+.2f} | "
+                         f"{r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | "
+                         f"{r.get('hook_ms', float('nan')):.3f} | {verdict} |")
+        report.add("\n".join(lines))
 
 
 # ---------------------------------------------------------------- (c) fp16 AMP
@@ -354,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-budget", type=float, default=8.0, help="seconds per overhead run before it is cut")
     p.add_argument("--alternate-steps", type=int, default=300, help="measured steps of each alternating run")
     p.add_argument("--skip-bench", action="store_true", help="skip (a), the overhead benchmark")
-    p.add_argument("--only", choices=("a", "b", "c"), action="append", help="run only these checks")
+    p.add_argument("--only", choices=("a", "b", "c", "d"), action="append", help="run only these checks")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results",
                    help="where the results files go (default benchmarks/results)")
     p.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda",
@@ -384,10 +437,14 @@ def main(argv: list[str] | None = None) -> int:
               f"lightning {lightning.__version__}, " + ", ".join(f"{k} {v}" for k, v in overhead.versions().items()
                                                                  if k not in ("torch", "lightning")))
     report = Report(path, header)
-    only = set(args.only or ("a", "b", "c"))
+    only = set(args.only or ("a", "b", "c", "d"))
     if args.skip_bench:
         only.discard("a")
-    checks = [("b", check_syncs), ("c", check_fp16), ("a", check_overhead)]  # the long one last
+    if args.skip_bench and "d" in only:
+        checks_d = [("d", lambda a, r: check_syncs(a, r, deferred=True))]  # (d)'s sync count only
+    else:
+        checks_d = [("d", check_deferred)]
+    checks = [("b", check_syncs), ("c", check_fp16), *checks_d, ("a", check_overhead)]  # the long one last
     t0 = time.perf_counter()
     for key, fn in checks:
         if key not in only:

@@ -137,10 +137,11 @@ except Exception:  # pragma: no cover - depends on the environment
 
 ALL_VARIANTS = ("none", "gradguard", "gradguard_layers", "grad_norm", "wandb_watch_1", "wandb_watch_100", "clip",
                 "norm_pass")
-# Diagnostic, not run unless named: GradGuard(log_layers="none") logging only at event steps, so
-# that its read and detection can be told apart from its logging.
-EXTRA_VARIANTS = ("gradguard_nolog",)
-GUARD_VARIANTS = ("gradguard", "gradguard_layers", "gradguard_nolog")
+# Not run unless named: GradGuard(log_layers="none") logging only at event steps, so that its read
+# and detection can be told apart from its logging (diagnostic); GradGuard(sync="deferred"), which
+# needs a fused optimizer (--fused).
+EXTRA_VARIANTS = ("gradguard_nolog", "gradguard_deferred")
+GUARD_VARIANTS = ("gradguard", "gradguard_layers", "gradguard_nolog", "gradguard_deferred")
 LEARNING_RATES = {"gpt": 3e-4}  # everything else: 1e-3 (AdamW)
 POOL_BATCHES = 8  # distinct synthetic batches per model, cycled by the DataLoader
 
@@ -151,6 +152,8 @@ def make_guard(variant: str, GradGuard):
         return GradGuard()
     if variant == "gradguard_nolog":
         return GradGuard(log_every_n_steps=10**9, log_layers="none")
+    if variant == "gradguard_deferred":
+        return GradGuard(sync="deferred")
     return GradGuard(log_every_n_steps=1, log_layers="all")
 
 
@@ -236,11 +239,11 @@ class WandbWatch(Callback):
 
 # ---------------------------------------------------------------- modules and data
 class BenchModule(L.LightningModule):
-    """Wraps a network from models.py; AdamW; logs the loss every step."""
+    """Wraps a network from models.py; AdamW (``fused``: its one-kernel form); logs the loss every step."""
 
-    def __init__(self, net: torch.nn.Module, loss_fn, lr: float) -> None:
+    def __init__(self, net: torch.nn.Module, loss_fn, lr: float, fused: bool = False) -> None:
         super().__init__()
-        self.net, self.loss_fn, self.lr = net, loss_fn, lr
+        self.net, self.loss_fn, self.lr, self.fused = net, loss_fn, lr, fused
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -249,7 +252,7 @@ class BenchModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, fused=True if self.fused else None)
 
 
 class NormPass(Callback):
@@ -328,7 +331,7 @@ def run_once(model_name: str, variant: str, pool: list, args, round_idx: int, *,
     torch.manual_seed(args.seed)  # same initial weights for every variant
     spec = build_model(model_name, **args.model_kwargs.get(model_name, {}))
     module_cls = GradNormRecipeModule if variant == "grad_norm" else BenchModule
-    module = module_cls(spec.net, spec.loss_fn, LEARNING_RATES.get(model_name, 1e-3))
+    module = module_cls(spec.net, spec.loss_fn, LEARNING_RATES.get(model_name, 1e-3), args.fused)
 
     timer = StepTimer(warmup, cuda, budget_s, args.min_steps)
     extra_callbacks: list[Callback] = []
@@ -401,7 +404,8 @@ def run_once(model_name: str, variant: str, pool: list, args, round_idx: int, *,
 # ---------------------------------------------------------------- alternating blocks within one run
 TOGGLED_HOOKS = frozenset({"on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
                            "on_before_zero_grad", "on_train_batch_end"})
-ALTERNATING_VARIANTS = ("gradguard", "gradguard_layers", "gradguard_nolog", "norm_pass")  # the callback-based ones
+ALTERNATING_VARIANTS = ("gradguard", "gradguard_layers", "gradguard_nolog", "gradguard_deferred",
+                        "norm_pass")  # the callback-based ones
 
 
 class Alternating(Callback):
@@ -450,7 +454,7 @@ def run_alternating(model_name: str, variant: str, pool: list, args) -> dict:
     of median step times (off block, then on block)."""
     torch.manual_seed(args.seed)
     spec = build_model(model_name, **args.model_kwargs.get(model_name, {}))
-    module = BenchModule(spec.net, spec.loss_fn, LEARNING_RATES.get(model_name, 1e-3))
+    module = BenchModule(spec.net, spec.loss_fn, LEARNING_RATES.get(model_name, 1e-3), args.fused)
     warmup, steps = args.warmup + args.alternate * 2, args.alternate_steps
     timer = StepTimer(warmup, args.device == "cuda", None, 0)
     alternating = Alternating(alternating_callbacks(variant), args.alternate)
@@ -581,7 +585,8 @@ def render_markdown(meta: dict, table: list[dict], comparisons: list[dict], alte
         f"- date: {meta['date']}",
         f"- machine: {meta['machine']}",
         f"- device: {meta['device']}, precision `{meta['precision']}`, logger `{meta['logger']}` "
-        f"(log_every_n_steps={meta['log_every_n_steps']}), torch threads {meta['torch_threads']}",
+        f"(log_every_n_steps={meta['log_every_n_steps']}), torch threads {meta['torch_threads']}, "
+        f"optimizer AdamW{' (fused=True)' if meta.get('fused') else ''}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- steps per run: {meta['warmup']} warm-up (discarded) + {meta['steps']} measured, "
         f"{meta['repeats']} interleaved repeats ({meta['order']} order), run budget {meta['run_budget']} s"
@@ -763,6 +768,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "then go unmeasured)")
     p.add_argument("--batch-size", action="append", default=[], metavar="MODEL=N",
                    help="a model's batch size instead of its default (models.py), e.g. gpt=16; repeatable")
+    p.add_argument("--fused", action="store_true",
+                   help="every variant trains with AdamW(fused=True) (needed by the gradguard_deferred variant)")
     p.add_argument("--quick", action="store_true", help="smoke test: mlp+few_tensors, 2+5 steps, 1 repeat (<1 min)")
     p.add_argument("--out", help="output path without extension (default benchmarks/results/overhead-<machine-tag>)")
     args = p.parse_args(argv)
@@ -782,6 +789,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for v in args.variants:
         if v not in ALL_VARIANTS + EXTRA_VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {','.join(ALL_VARIANTS + EXTRA_VARIANTS)}")
+    if "gradguard_deferred" in args.variants and not args.fused:
+        p.error("the gradguard_deferred variant skips NaN/Inf steps through a fused optimizer: add --fused "
+                "(every variant then trains with AdamW(fused=True), the baseline too)")
     if "none" not in args.variants:
         args.variants.insert(0, "none")  # ratios need the baseline
     args.steps = args.steps or (5 if args.quick else 50)
@@ -911,7 +921,7 @@ def main(argv: list[str] | None = None) -> dict:
         notes.append(f"'cut' = runs stopped by the {args.run_budget} s run budget after >= {args.min_steps} measured steps.")
     meta = {
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine, "machine_tag": tag,
-        "device": args.device, "precision": args.precision, "logger": args.logger,
+        "device": args.device, "precision": args.precision, "logger": args.logger, "fused": args.fused,
         "log_every_n_steps": args.log_every_n_steps, "warmup": args.warmup, "steps": args.steps,
         "repeats": args.repeats, "order": args.order, "run_budget": args.run_budget, "versions": versions(),
         "gradguard_import": "ok" if not gg_err else gg_err, "torch_threads": torch.get_num_threads(),

@@ -6,6 +6,9 @@ Each is a small unit that knows nothing of detection or Lightning:
 * :func:`skip_` drops a step by setting gradients to ``None`` (torch optimizers
   then leave the weights *and* their state alone; zeroing would not: momentum,
   Adam moments and weight decay would still move the weights);
+* :class:`DeviceVerdict` skips or scales a step from the device, without the
+  host knowing yet, through the ``found_inf`` and ``grad_scale`` tensors that
+  torch's fused optimizers read inside their own kernel;
 * :class:`LRScale` scales the learning rate inside ``optimizer.step`` through
   step pre/post hooks, so no scheduler ever sees (or overwrites) the factor;
 * :class:`Snapshots` keeps recent known-good model and optimizer state in host
@@ -23,7 +26,7 @@ from torch import Tensor
 
 from lightning_gradguard.stats import local_shards
 
-__all__ = ["LRScale", "Snapshots", "clip_", "skip_"]
+__all__ = ["DeviceVerdict", "LRScale", "Snapshots", "clip_", "skip_"]
 
 
 def _grads(params: Iterable[torch.nn.Parameter]) -> list[Tensor]:
@@ -50,6 +53,61 @@ def skip_(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = None
+
+
+class DeviceVerdict:
+    """Hands an optimizer's next step a verdict held on the device: skip it, or scale its gradients.
+
+    torch's fused optimizers (``fused=True``: ``Adam``, ``AdamW``, ``SGD``,
+    ``Adagrad``) read two optional device scalars inside their one kernel, the
+    way a fp16 ``GradScaler`` hands them over: ``found_inf`` (non-zero: leave
+    the weights *and* the optimizer state as they are, step count included) and
+    ``grad_scale`` (the gradients are divided by it). Set here before the step,
+    removed by a step post-hook after it: a skip or a clip decided by device
+    tensors, with no host sync and no extra pass over the gradients.
+
+    >>> p = torch.nn.Parameter(torch.ones(2))
+    >>> opt = torch.optim.SGD([p], lr=1.0, fused=True)
+    >>> verdict = DeviceVerdict(opt)
+    >>> p.grad = torch.full((2,), float("nan"))
+    >>> verdict.set(found_inf=torch.tensor(1.0))
+    >>> opt.step()
+    >>> p.tolist(), hasattr(opt, "found_inf")
+    ([1.0, 1.0], False)
+    >>> p.grad = torch.full((2,), 4.0)
+    >>> verdict.set(found_inf=torch.tensor(0.0), grad_scale=torch.tensor(8.0))  # clip: scale by 1/8
+    >>> opt.step()
+    >>> p.tolist()
+    [0.5, 0.5]
+    """
+
+    _NAMES = ("found_inf", "grad_scale")
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._handle = optimizer.register_step_post_hook(self._clear)
+
+    @staticmethod
+    def supported(optimizer: torch.optim.Optimizer) -> bool:
+        """Does ``optimizer``'s step read ``found_inf`` and ``grad_scale`` (torch's fused optimizers)?"""
+        return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+    def set(self, found_inf: Tensor | None = None, grad_scale: Tensor | None = None) -> None:
+        """Hand the next step these (float32 device scalars); ``None`` leaves that one unset."""
+        for name, value in zip(self._NAMES, (found_inf, grad_scale)):
+            if value is None:
+                self.optimizer.__dict__.pop(name, None)
+            else:
+                setattr(self.optimizer, name, value)
+
+    def _clear(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        for name in self._NAMES:
+            optimizer.__dict__.pop(name, None)
+
+    def remove(self) -> None:
+        """Leave the optimizer as it was."""
+        self._clear(self.optimizer, (), {})
+        self._handle.remove()
 
 
 class LRScale:

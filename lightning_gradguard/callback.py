@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradguard.actions import LRScale, Snapshots, clip_, skip_
+from lightning_gradguard.actions import DeviceVerdict, LRScale, Snapshots, clip_, skip_
 from lightning_gradguard.config import check_choice, check_number, check_responses
 from lightning_gradguard.detectors import REPORT_ROWS, Code, DetectorConfig, LossTrend, Row, TrendDetector
 from lightning_gradguard.events import KINDS, GradEvent, GradientHealthError, Response
@@ -43,6 +43,7 @@ from lightning_gradguard.stats import (
     _PYTHON_MAX_TENSORS,
     LayerPlan,
     LayerSums,
+    PackedRead,
     _tensor_norms,
     layer_series,
     layer_series_lists,
@@ -94,9 +95,35 @@ class _Watch:
     # and the steps watched for them (see GradGuard._check_resumed)
     missing_since_resume: set[int] | None = None
     steps_since_resume: int = 0
+    # sync="deferred": the device half of the last step, its host copy on the way (see GradGuard._launch);
+    # the clip limit by series the host last derived, for the device's next decision; the optimizer's verdict
+    in_flight: _InFlight | None = None
+    limits: np.ndarray | None = None
+    verdict: DeviceVerdict | None = None
 
     def series_name(self, i: int) -> str | None:
         return None if i == 0 else self.plan.layers[i - 1]
+
+
+@dataclass
+class _InFlight:
+    """One step of ``sync="deferred"``: launched on the device, read by the host one step later."""
+
+    info: _StepInfo
+    read: PackedRead
+    host: Tensor  # the packed read + the device's decision, copied to (pinned) host memory without waiting
+    ready: Any  # a CUDA event recorded after the copy (None off CUDA: the copy is done)
+    layout: tuple[int, int, int]  # (losses, loss scale (0/1), tensor LRs) at the end of the read's extras
+    lrs: tuple[list, float] | None  # param steps: each param group's LR at the step, and the LR scale missing from it
+
+
+@dataclass(frozen=True)
+class _StepInfo:
+    step: int  # trainer.global_step
+    log_step: int  # the step Lightning logs its own metrics at
+    is_log_step: bool
+    detail_step: bool  # max |g| read
+    param_step: bool  # weight norms read
 
 
 class GradGuard(Callback):
@@ -198,6 +225,18 @@ class GradGuard(Callback):
         record: write the run record (``gradguard.jsonl``: per-step norms,
             events, summary) that the ``gradguard`` command reads: ``True``
             into the Trainer's log folder, or a file/folder path; ``None`` off.
+        sync: when the host reads the step's statistics. ``"step"`` (default):
+            once per step, before the optimizer step (one host sync: the GPU's
+            queue drains there). ``"deferred"``: never waits for the device.
+            The skip and the clip are decided on the device, against the limits
+            the host knew one step earlier, and handed to the optimizer's own
+            kernel (``found_inf``, ``grad_scale``); the host reads each step's
+            statistics one step later, when they are long on their way. Detection,
+            events and logging are those of ``"step"`` (events keep their step),
+            the other responses come one step late. Needs a fused optimizer
+            (``torch.optim.AdamW(..., fused=True)``; also ``Adam``, ``SGD``,
+            ``Adagrad``) to skip NaN/Inf steps, and is refused with a fp16
+            GradScaler, under sharded strategies and with ``"rollback"``.
 
     Logged keys (through ``trainer.loggers``, at the step Lightning logs its own
     metrics; with several optimizers every key gets ``opt<i>/`` after the prefix):
@@ -269,11 +308,19 @@ class GradGuard(Callback):
         sinks: Sequence[GuardSink] | None = None,
         wandb: bool | None = None,
         record: bool | str | None = None,
+        sync: Literal["step", "deferred"] = "step",
     ) -> None:
         super().__init__()
         self.on_nonfinite = check_responses("on_nonfinite", "nonfinite", on_nonfinite)
         self.on_exploding = check_responses("on_exploding", "exploding", on_exploding)
         self.on_vanishing = check_responses("on_vanishing", "vanishing", on_vanishing)
+        self.sync = check_choice("sync", sync, ("step", "deferred"))
+        if sync == "deferred" and "rollback" in self.on_nonfinite + self.on_exploding:
+            raise ValueError(
+                "`sync='deferred'` cannot be combined with the 'rollback' response: the host learns of a bad step "
+                "one step late, after the next update. Use sync='step' with 'rollback', or 'skip' / 'reduce_lr' "
+                "with sync='deferred'."
+            )
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, low=1, integer=True, optional=True)
         self.log_layers = check_choice("log_layers", log_layers, ("all", "topk", "none"))
         self.top_k = check_number("top_k", top_k, low=1, integer=True)
@@ -361,6 +408,9 @@ class GradGuard(Callback):
         self._callback_metrics: dict | None = None  # the Trainer's live dict, see on_train_start
         self._scaler: Any = None
         self._reduce = None  # cross-rank reduction of partial sums, for sharded strategies
+        self._trainer: weakref.ref | None = None  # for the statistics still in flight at checkpoint time
+        self._module: weakref.ref | None = None
+        self._late_error: GradientHealthError | None = None  # a "raise" found at checkpoint time, raised next hook
 
     # ------------------------------------------------------------------ Lightning hooks
     @property
@@ -378,6 +428,13 @@ class GradGuard(Callback):
         self._reduce = self._all_reduce(trainer)
         if stage != "fit":
             return
+        if self.sync == "deferred" and (self._scaler is not None or self._reduce is not None):
+            why = "a fp16 GradScaler (precision='16-mixed')" if self._scaler is not None else "a sharded strategy"
+            raise ValueError(
+                f"`sync='deferred'` does not work with {why}: it hands its own verdict to the optimizer's kernel, "
+                f"which the GradScaler owns, and sharded ranks must agree on the host. Use sync='step' "
+                f"(one host sync per step), or bf16-mixed / 32-true precision on a single device or DDP."
+            )
         active = list(self.sinks)
         if self.wandb is not False and not any(type(s).__name__ == "WandbSink" for s in active):
             from lightning_gradguard.integrations.wandb import WandbSink, wandb_run
@@ -409,15 +466,40 @@ class GradGuard(Callback):
                 if index not in self._lr_scales:
                     scale = self._lr_scales[index] = LRScale(optimizer)
                     scale.value = float(self._pending_state.get(index, {}).get("lr_scale", 1.0))
+        if self.sync == "deferred" and self._skips_on_device:
+            for index, optimizer in enumerate(trainer.optimizers):
+                if not DeviceVerdict.supported(optimizer):
+                    raise ValueError(
+                        f"`sync='deferred'` skips a step on the device, through the optimizer's own kernel, which "
+                        f"only torch's fused optimizers have: optimizer {index} is {type(optimizer).__name__} "
+                        f"without it. Create it with fused=True (torch.optim.Adam, AdamW, SGD, Adagrad), or use "
+                        f"sync='step', or drop 'skip' from on_nonfinite / on_exploding (NaN then reaches the weights)."
+                    )
+        self._trainer = weakref.ref(trainer)
+        self._module = weakref.ref(pl_module)
+
+    @property
+    def _skips_on_device(self) -> bool:
+        """``sync="deferred"`` must be able to skip a step without the host: NaN/Inf or exploding "skip"."""
+        return "skip" in self.on_nonfinite + self.on_exploding
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release_value_clipping(trainer)
+        self._release_verdicts()
         for scale in self._lr_scales.values():
             scale.remove()  # leave the user's optimizers as they were
         self._lr_scales = {}
         self._callback_metrics = None
         self._detach_loggers(trainer)
+
+    def _release_verdicts(self) -> None:
+        """``sync="deferred"``: forget the steps in flight, leave the user's optimizers as they were."""
+        for watch in self._watches.values():
+            watch.in_flight = None
+            if watch.verdict is not None:
+                watch.verdict.remove()
+                watch.verdict = None
 
     def _detach_loggers(self, trainer: Trainer) -> None:
         self._write_metrics(trainer)
@@ -428,6 +510,7 @@ class GradGuard(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._land_all(trainer, pl_module)  # sync="deferred": the last step's statistics (a late "raise" raises here)
         # on_train_end, not on_fit_end: Lightning finalizes the loggers in between
         self._write_metrics(trainer)
         self._sink_call("on_fit_end", trainer, self.summary())
@@ -436,6 +519,7 @@ class GradGuard(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # a "raise" response (or any crash) still flushes metrics, summaries, pictures and records
         self._release_value_clipping(trainer)
+        self._release_verdicts()
         self._detach_loggers(trainer)
         self._sink_call("on_fit_end", trainer, self.summary())
         self._active_sinks = []
@@ -519,7 +603,8 @@ class GradGuard(Callback):
         (``None``, at checkpoint time only) read here."""
         if values is None:
             values = torch.stack(self._pending_losses).cpu().tolist() if self._pending_losses else []  # sync: checkpoint time only
-        self._pending_losses = []
+            self._pending_losses = []
+        # (given ``values``, the pending losses are those of later steps: sync="deferred" reads a step late)
         for v in values:
             self._loss.observe(v)
 
@@ -530,13 +615,16 @@ class GradGuard(Callback):
         except GradientHealthError:
             raise  # the deliberate "raise" response
         except Exception as err:  # noqa: BLE001 - the guard's own failure must never stop training
-            self.internal_errors += 1
-            key = (type(err).__name__, str(err)[:200])
-            if key not in self._reported_errors:
-                self._reported_errors.add(key)
-                log.warning("GradGuard: internal error at step %d, this step is not monitored; training goes on: %r",
-                            trainer.global_step, err, exc_info=True)
+            self._report_internal_error(trainer, err)
             self._fail_safe(trainer, optimizer)
+
+    def _report_internal_error(self, trainer: Trainer, err: Exception) -> None:
+        self.internal_errors += 1
+        key = (type(err).__name__, str(err)[:200])
+        if key not in self._reported_errors:
+            self._reported_errors.add(key)
+            log.warning("GradGuard: internal error at step %d, this step is not monitored; training goes on: %r",
+                        trainer.global_step, err, exc_info=True)
 
     def _fail_safe(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         """After an internal error: where NaN/Inf protection was asked for (``"skip"`` or ``"rollback"``
@@ -562,21 +650,32 @@ class GradGuard(Callback):
 
     def _guard_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         watch = self._watch(trainer, pl_module, optimizer)
-        step = trainer.global_step
+        if self.sync == "deferred":
+            self._deferred_step(trainer, pl_module, optimizer, watch)
+            return
+        info = self._step_info(trainer, watch)
+        series = self._read(watch, optimizer, info.detail_step, info.param_step)
+        if series is not None:
+            self._analyse(trainer, pl_module, optimizer, watch, info, series)
+
+    def _step_info(self, trainer: Trainer, watch: _Watch) -> _StepInfo:
         log_step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs its own metrics at
         every = self.log_every_n_steps or trainer.log_every_n_steps
         logging_on = bool(trainer.loggers)
-        is_log_step = logging_on and (log_step + 1) % every == 0
         detail_every = max(every, 50) if self.detail_every_n_steps is None else self.detail_every_n_steps
         detail_step = logging_on and detail_every > 0 and (log_step + 1) % detail_every == 0
         # weight norms: for logging at the detail cadence, and every step where a check needs them
         param_step = detail_step or self.config.max_update_ratio is not None or (
             self.config.max_grad_weight_ratio is not None and watch.counts["steps"] < self.config.warmup_steps
         )
+        return _StepInfo(trainer.global_step, log_step, logging_on and (log_step + 1) % every == 0, detail_step,
+                         param_step)
 
-        series = self._read(watch, optimizer, detail_step, param_step)
-        if series is None:
-            return
+    def _analyse(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
+                 watch: _Watch, info: _StepInfo, series: dict, applied: tuple[float, bool] | None = None) -> None:
+        """The host half of a step: detection, events, responses, logging, sinks. ``applied``: under
+        ``sync="deferred"``, the clip coefficient and skip the device already applied to that step."""
+        step = info.step
         watch.present = series["present"]
         if self._ddp_frozen is not None:
             self._check_ddp_unfrozen(trainer)
@@ -591,7 +690,8 @@ class GradGuard(Callback):
             lists=True,
         )
         extra = [series[name][None] for name in ("max_abs", "weight") if name in series]
-        if isinstance(report, list) and not (extra or watch.detector.flags or watch.anchor is not None or is_log_step):
+        if isinstance(report, list) and not (extra or watch.detector.flags or watch.anchor is not None
+                                             or info.is_log_step or applied is not None):
             # the usual healthy step of a small model: findings, responses and sinks need only the
             # norms; the report stays Python lists (no numpy call)
             host = None
@@ -601,19 +701,156 @@ class GradGuard(Callback):
         watch.counts["steps"] += 1
 
         events = self._findings(watch, host, step)
-        clip_coef = self._respond(trainer, pl_module, optimizer, watch, host, events, step)
+        clip_coef = self._respond(trainer, pl_module, optimizer, watch, host, events, step, applied)
+        if applied is not None:
+            watch.limits = self._limits(watch, host)  # for the device's decision on the next step
         metrics = None
-        if is_log_step or events:
-            metrics = self._log(trainer, watch, host, series["present"], detail_step, param_step and logging_on,
-                                clip_coef, log_step)
+        if info.is_log_step or events:
+            metrics = self._log(trainer, watch, host, series["present"], info.detail_step,
+                                info.param_step and bool(trainer.loggers), clip_coef, info.log_step)
         if self._active_sinks:
-            self._sink_step(trainer, watch, step, log_step, host[Row.NORM] if host is not None else report[Row.NORM],
-                            metrics)
+            self._sink_step(trainer, watch, step, info.log_step,
+                            host[Row.NORM] if host is not None else report[Row.NORM], metrics)
             for event in events:
                 self._sink_call("on_event", trainer, event)
         for event in events:
             if "raise" in event.actions:
                 raise GradientHealthError(event.message, tuple(events))
+
+    # ------------------------------------------------------------------ sync="deferred"
+    def _deferred_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
+                       watch: _Watch) -> None:
+        """``sync="deferred"``: the host half of this optimizer's previous step (its statistics copied long
+        since), then this step's device half: read, decide, hand the verdict to the optimizer, copy."""
+        if self._late_error is not None:  # a "raise" found while a checkpoint was being saved
+            error, self._late_error = self._late_error, None
+            raise error
+        if watch.in_flight is not None:
+            self._land(trainer, pl_module, optimizer, watch)
+        if self._skips_on_device and not DeviceVerdict.supported(optimizer):
+            # an optimizer replaced mid-run by one that cannot skip on the device (checked at the start)
+            if ("sync", id(optimizer)) not in self._reported_errors:
+                self._reported_errors.add(("sync", id(optimizer)))
+                log.warning("GradGuard: optimizer %d (%s) is not fused: it cannot skip a step on the device; "
+                            "sync='deferred' falls back to one host sync per step for it", watch.index,
+                            type(optimizer).__name__)
+            info = self._step_info(trainer, watch)
+            series = self._read(watch, optimizer, info.detail_step, info.param_step)
+            if series is not None:
+                self._analyse(trainer, pl_module, optimizer, watch, info, series)
+            return
+        if watch.verdict is None or watch.verdict.optimizer is not optimizer:
+            if watch.verdict is not None:
+                watch.verdict.remove()
+            watch.verdict = DeviceVerdict(optimizer) if DeviceVerdict.supported(optimizer) else None
+        info = self._step_info(trainer, watch)
+        losses, self._pending_losses = self._pending_losses, []
+        try:
+            launched = self._read_on_device(watch, optimizer, info.detail_step, info.param_step, losses, None)
+        except BaseException:
+            self._pending_losses = losses + self._pending_losses
+            raise
+        if launched is None:
+            self._pending_losses = losses
+            return
+        read, layout = launched
+        packed = torch.cat([read.packed, self._decide_on_device(trainer, watch, optimizer, read)])
+        ready = None
+        if packed.device.type == "cuda":
+            packed = packed.to("cpu", non_blocking=True)  # into pinned host memory: queued, not waited for
+            ready = torch.cuda.Event()
+            ready.record()
+        lrs = None
+        if info.param_step:  # as at this step (the schedule moves on meanwhile)
+            lrs = ([g["lr"] for g in optimizer.param_groups], watch.lr_scale.value if watch.lr_scale else 1.0)
+        watch.in_flight = _InFlight(info, read, packed, ready, layout, lrs)
+
+    def _decide_on_device(self, trainer: Trainer, watch: _Watch, optimizer: torch.optim.Optimizer,
+                          read: PackedRead) -> Tensor:
+        """This step's clip and skip, decided by device tensors against the limits the host derived from
+        the previous step (``watch.limits``), and applied: through the fused optimizer's own kernel
+        (``found_inf``, ``grad_scale``), else by one foreach multiply. Returns ``[coefficient, skipped]``
+        (float32, on the device) for the host to record when it reads the step. No host sync: every
+        limit is a host float passed as a kernel argument, or a host array copied without waiting."""
+        n = len(read.positions)
+        squares = read.packed[:n].square()
+        total = squares.sum().sqrt()
+        limits = watch.limits
+        clipping = "clip" in self.on_exploding
+        coef = None
+        if limits is not None and ("clip" in self.on_exploding or "skip" in self.on_exploding):
+            limit = float(limits[0])  # a host float: a kernel argument
+            coef = torch.clamp(limit / total, max=1.0) if math.isfinite(limit) else torch.ones_like(total)
+            layer = limits[1:]
+            if np.isfinite(layer).any():  # a layer over its own limit scales the whole step down to it
+                positions = read.positions
+                index = watch.plan.index(None if n == len(watch.plan.params) else positions, total.device)
+                layer_norm = squares.new_zeros(watch.plan.num_layers).index_add_(0, index, squares).sqrt()
+                layer_limit = torch.from_numpy(layer.astype(np.float32)).to(total.device, non_blocking=True)
+                coef = torch.minimum(coef, (layer_limit / layer_norm).amin())
+            coef = coef.nan_to_num(nan=1.0)  # NaN gradients: the skip's business, not the clip's
+        skip = ~torch.isfinite(total) if "skip" in self.on_nonfinite else torch.zeros((), dtype=torch.bool,
+                                                                                          device=total.device)
+        if coef is not None and "skip" in self.on_exploding:
+            skip = skip | (coef < 1.0)
+        if not clipping or coef is None:
+            coef = torch.ones_like(total)
+        verdict = watch.verdict
+        if verdict is not None:
+            # Lightning's own clipping (gradient_clip_val) runs after this hook on the gradients as they
+            # are: scale them first, so that it measures what the optimizer will apply
+            in_kernel = clipping and not trainer.gradient_clip_val
+            verdict.set(found_inf=skip.float() if self._skips_on_device else None,
+                        grad_scale=coef.clamp(min=1e-30).reciprocal() if in_kernel else None)
+            if clipping and not in_kernel:
+                clip_(watch.plan.params, coef)
+        elif clipping:
+            clip_(watch.plan.params, coef)
+        return torch.stack([coef, skip.float()])
+
+    def _land(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
+              watch: _Watch) -> None:
+        """The host half of the step in flight: its statistics, read one step late (see :meth:`_deferred_step`)."""
+        flight, watch.in_flight = watch.in_flight, None
+        if flight.ready is not None:
+            flight.ready.synchronize()  # recorded a step ago and long complete: no wait, the queue stays full
+        # host memory already (the pinned copy, or a CPU device): no sync. Another accelerator's (MPS) is
+        # copied here: a sync, but a step late, when the device has long finished that step
+        copy = flight.host.cpu()
+        if self._as_lists(watch, flight.read):
+            values, host = copy.tolist(), None  # host memory: no sync
+            values, decision = values[:-2], values[-2:]
+        else:
+            values, host = None, copy.numpy()
+            host, decision = host[:-2], host[-2:].tolist()  # numpy: no sync
+        # the gradients of that step are gone: a float32 overflow of a sum of squares stays Inf (the device
+        # took it for one and skipped the step)
+        series = self._host_series(watch, optimizer, flight.read, flight.layout, values, host, [], flight.lrs,
+                                   refine=False)
+        self._analyse(trainer, pl_module, optimizer, watch, flight.info, series,
+                      applied=(float(decision[0]), decision[1] > 0))
+
+    def _land_all(self, trainer: Trainer, pl_module: LightningModule, quiet: bool = False) -> None:
+        """Read every step still in flight (the end of training, a checkpoint). ``quiet``: a "raise" is
+        kept for the next step's hook (or the end of training) instead of raised here."""
+        if not quiet and self._late_error is not None:  # found at a checkpoint after the last step
+            error, self._late_error = self._late_error, None
+            raise error
+        for watch in list(self._watches.values()):
+            optimizer = watch.optimizer()
+            if watch.in_flight is None:
+                continue
+            if optimizer is None:
+                watch.in_flight = None
+                continue
+            try:
+                self._land(trainer, pl_module, optimizer, watch)
+            except GradientHealthError as error:
+                if not quiet:
+                    raise
+                self._late_error = error
+            except Exception as err:  # noqa: BLE001 - the guard's own failure must never stop training
+                self._report_internal_error(trainer, err)
 
     def _read(self, watch: _Watch, optimizer: torch.optim.Optimizer, detail_step: bool, param_step: bool) -> dict | None:
         """Measure the step's gradients and copy them to the host: THE host sync of this step.
@@ -647,6 +884,21 @@ class GradGuard(Callback):
             losses.clear()  # read: an error after this point must not feed them twice
             return _host_series(watch.plan, sums, flat)
 
+        launched = self._read_on_device(watch, optimizer, detail_step, param_step, losses, scale)
+        if launched is None:
+            self._pending_losses = losses
+            return None
+        read, layout = launched
+        if self._as_lists(watch, read):
+            values, host = read.packed.tolist(), None  # sync: the only one per step (one copy, to floats)
+        else:
+            values, host = None, read.packed.cpu().numpy()  # sync: the only one per step
+        return self._host_series(watch, optimizer, read, layout, values, host, losses)
+
+    def _read_on_device(self, watch: _Watch, optimizer: torch.optim.Optimizer, detail_step: bool, param_step: bool,
+                        losses: list[Tensor], scale: Tensor | None) -> tuple[PackedRead, tuple[int, int, int]] | None:
+        """The step's read, packed with the losses, the loss scale and tensor LRs into one device vector;
+        with the layout of those extras (how many of each). ``None``: no gradient."""
         # LRs held as device tensors (capturable optimizers) ride along in the copy; see _host_lrs
         lr_tensors = [g["lr"] for g in optimizer.param_groups if _on_device(g["lr"])] if param_step else []
         extra = [x if x.device == watch.device else x.to(watch.device) for x in losses]  # .to(): ~13 us cold
@@ -654,50 +906,65 @@ class GradGuard(Callback):
             extra.append(scale.to(watch.device, torch.float32).reshape(()))
         extra += [lr.to(watch.device, torch.float32).reshape(()) for lr in lr_tensors]
         read = read_tensors(watch.plan, max_abs=detail_step, param_norms=param_step, extra=extra)
-        if read is None:
-            self._pending_losses = losses
-            return None
-        # the usual step of a small model: Python lists from here on, no numpy call (see layer_series_lists)
-        lists = len(read.names) == 1 and not watch.detector.vectorized and len(read.positions) <= _PYTHON_MAX_TENSORS
-        if lists:
-            values, host = read.packed.tolist(), None  # sync: the only one per step (one copy, to floats)
-        else:
-            host = read.packed.cpu().numpy()  # sync: the only one per step
+        return None if read is None else (read, (len(losses), int(scale is not None), len(lr_tensors)))
+
+    @staticmethod
+    def _as_lists(watch: _Watch, read: PackedRead) -> bool:
+        """The usual step of a small model: Python lists from the copy on, no numpy call (see layer_series_lists)."""
+        return len(read.names) == 1 and not watch.detector.vectorized and len(read.positions) <= _PYTHON_MAX_TENSORS
+
+    def _host_series(self, watch: _Watch, optimizer: torch.optim.Optimizer, read: PackedRead,
+                     layout: tuple[int, int, int], values: list[float] | None, host: np.ndarray | None,
+                     losses: list[Tensor], lrs: tuple[list, float] | None = None, refine: bool = True) -> dict:
+        """The step's series from the host copy of its read (``values`` as floats, or ``host`` as numpy);
+        feeds the losses it carried to the loss trend. ``lrs``: each param group's LR at the step and the
+        LR scale missing from them (default: now). ``refine``: the gradients are still there to re-read
+        a float32 overflow."""
+        lists = values is not None
         n = len(read.positions)
         # NaN/Inf reach the sum; so does a float32 sum of squares that overflowed (entries ~1e19+).
         # Not under a GradScaler: its overflow steps hold real Infs, and it skips them itself
-        if self._scaler is None and not math.isfinite(sum(values[:n]) if lists else float(host[:n].sum())):  # host floats: no sync
+        if refine and self._scaler is None and not math.isfinite(sum(values[:n]) if lists else float(host[:n].sum())):  # host floats: no sync
             refined = _overflowed_norms(watch.plan, read.positions, values[:n] if lists else host[:n].tolist())  # numpy: no sync
             if lists:
                 values[:n] = refined
             else:
                 host[:n] = refined
-        if not extra:
+        n_losses, n_scale, n_lrs = layout
+        n_extra = n_losses + n_scale + n_lrs
+        if not n_extra:
             tail = []
         else:
-            tail = values[len(values) - len(extra) :] if lists else host[len(host) - len(extra) :].tolist()
-        self._flush_losses(tail[: len(losses)])
-        n_losses = len(losses)
+            tail = values[len(values) - n_extra :] if lists else host[len(host) - n_extra :].tolist()  # numpy: no sync
+        self._flush_losses(tail[:n_losses])
         losses.clear()  # read: an error after this point must not feed them twice
-        grad_scale = tail[n_losses] if scale is not None else None
+        grad_scale = tail[n_losses] if n_scale else None
         if lists:
-            grad = values[: len(read.positions)]
+            grad = values[:n]
             if grad_scale is not None:
                 grad = [g / grad_scale for g in grad]
             return layer_series_lists(watch.plan, read.positions, grad)
-        lrs = self._host_lrs(watch, optimizer, tail[len(tail) - len(lr_tensors) :]) if param_step else None
-        return layer_series(watch.plan, read, host, lrs=lrs, grad_scale=grad_scale)
+        param_lrs = None
+        if "weight" in read.names:
+            param_lrs = self._host_lrs(watch, optimizer, tail[len(tail) - n_lrs :], *(lrs or ()))
+        return layer_series(watch.plan, read, host, lrs=param_lrs, grad_scale=grad_scale)
 
-    def _host_lrs(self, watch: _Watch, optimizer: torch.optim.Optimizer, tensor_lrs: list[float]) -> np.ndarray:
-        """Each plan parameter's effective LR (host floats; tensor LRs read with the step's copy)."""
+    def _host_lrs(self, watch: _Watch, optimizer: torch.optim.Optimizer, tensor_lrs: list[float],
+                  group_lrs: list | None = None, factor: float | None = None) -> np.ndarray:
+        """Each plan parameter's effective LR (host floats; tensor LRs read with the step's copy).
+        ``group_lrs``: each param group's ``lr`` as it was at the step, and ``factor`` the LR scale
+        still missing from them then (default: both now)."""
         if watch.host_group_index is None:
             group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
             watch.host_group_index = np.asarray([group_of.get(id(p), 0) for p in watch.plan.params], dtype=np.int64)
         values = iter(tensor_lrs)
         # a float, or a CPU tensor (reading it is no device sync), or a device tensor read with the step's copy
-        per_group = np.asarray([next(values) if _on_device(g["lr"]) else float(g["lr"])
-                                for g in optimizer.param_groups], dtype=np.float64)
-        return per_group[watch.host_group_index] * (watch.lr_scale.value if watch.lr_scale else 1.0)
+        if group_lrs is None:
+            group_lrs = [g["lr"] for g in optimizer.param_groups]
+        per_group = np.asarray([next(values) if _on_device(lr) else float(lr) for lr in group_lrs], dtype=np.float64)
+        if factor is None:
+            factor = watch.lr_scale.value if watch.lr_scale else 1.0
+        return per_group[watch.host_group_index] * factor
 
     # ------------------------------------------------------------------ per-optimizer state
     def _watch(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> _Watch:
@@ -760,6 +1027,7 @@ class GradGuard(Callback):
                     watch.lr_scale.remove()
                 watch.lr_scale = scale
         watch.last_fired, watch.anchor, watch.anchor_until = {}, None, None
+        watch.in_flight = watch.limits = None  # sync="deferred": read against the old plan, limits of old layers
         watch.group_index = watch.host_group_index = None
         watch.keys = {}
         if watch.snapshots is not None:
@@ -1018,8 +1286,11 @@ class GradGuard(Callback):
         )
 
     # ------------------------------------------------------------------ events -> actions
-    def _respond(self, trainer, pl_module, optimizer, watch: _Watch, host, events: list[GradEvent], step: int) -> float:
-        """Apply the configured responses; fill each event's ``actions``; return the clip coefficient applied."""
+    def _respond(self, trainer, pl_module, optimizer, watch: _Watch, host, events: list[GradEvent], step: int,
+                 applied: tuple[float, bool] | None = None) -> float:
+        """Apply the configured responses; fill each event's ``actions``; return the clip coefficient applied.
+        ``applied`` (``sync="deferred"``): the clip coefficient and skip the device already applied to
+        the step; the other responses act now, on the step in progress."""
         flags = watch.detector.flags  # every series' code bits or-ed together
         exploding_now = bool(flags & Code.EXPLODING)
         bad_now = exploding_now or (bool(flags & Code.NONFINITE) and self._scaler is None)
@@ -1027,9 +1298,12 @@ class GradGuard(Callback):
         anchored = False
         if watch.anchor is not None or flags & Code.GROWTH:
             anchored = self._update_anchor(watch, host[Row.CODE].astype(np.int64), host, step)
-        clip_coef = 1.0
+        clip_coef, skipped = 1.0, False
         clipping = "clip" in self.on_exploding and (exploding_now or anchored)
-        if not events and not clipping:
+        if applied is not None:
+            clip_coef, skipped = applied
+            clipping = clip_coef < 1.0
+        if not events and not clipping and not skipped:
             watch.skip_streak = 0
             self._healthy_step(pl_module, optimizer, watch, step)
             return clip_coef
@@ -1039,7 +1313,14 @@ class GradGuard(Callback):
             wanted.add("clip")  # every flagged (or anchored) step is clipped, not only the first of an incident
         taken: dict[str, bool] = {}
 
-        if "rollback" in wanted and watch.snapshots is not None:
+        if applied is not None:  # done on the device already: recorded, as it happened
+            watch.skip_streak = watch.skip_streak + 1 if skipped else 0
+            if skipped:
+                watch.counts["skipped"] += 1
+            elif clip_coef < 1.0:
+                watch.counts["clipped"] += 1
+            taken["skip"], taken["clip"] = skipped, not skipped and clip_coef < 1.0
+        elif "rollback" in wanted and watch.snapshots is not None:
             damage = bad_before > 0 or any(e.reason in _DAMAGE for e in events)
             if damage:
                 taken["rollback"] = self._rollback(trainer, pl_module, optimizer, watch, step, events)
@@ -1053,7 +1334,9 @@ class GradGuard(Callback):
                 # dropping it is enough. A second bad step in a row means damage: then roll back
                 # (and only then reduce the LR: a lone corrupted batch says nothing about the LR).
                 taken["skip"] = taken["lone"] = True
-        if "skip" in wanted or taken.get("rollback") or taken.get("skip"):
+        if applied is not None:
+            pass
+        elif "skip" in wanted or taken.get("rollback") or taken.get("skip"):
             self._skip(trainer, optimizer)
             watch.counts["skipped"] += 1
             watch.skip_streak += 1
@@ -1080,8 +1363,10 @@ class GradGuard(Callback):
             acts = [a for a in configured[e.kind] if a in ("log", "stop", "raise") or taken.get(a)]
             if e.reason == "amp_overflow":
                 acts = [a for a in acts if a not in ("skip", "clip")]
-            if taken.get("skip") and not taken.get("rollback") and "skip" not in acts and "rollback" in configured[e.kind]:
-                acts.insert(0, "skip")  # under "rollback": a lone bad step, or nothing to restore (see above)
+            if taken.get("skip") and not taken.get("rollback") and "skip" not in acts and (
+                "rollback" in configured[e.kind] or applied is not None
+            ):  # under "rollback": a lone bad step, or nothing to restore (see above); or skipped by the device
+                acts.insert(0, "skip")
             if "alert" in configured[e.kind] and self._alert_due(e, step):
                 acts.insert(min(len(acts), acts.index("log") + 1 if "log" in acts else len(acts)), "alert")
             if taken.get("stop") and "stop" not in acts:
@@ -1149,9 +1434,11 @@ class GradGuard(Callback):
         self._last_alert[key] = step
         return True
 
-    def _clip(self, optimizer, watch: _Watch, host: np.ndarray) -> float:
-        """Clip to the adaptive threshold: globally if the global norm is over it, else the flagged layers."""
-        norm, limit = host[Row.NORM], host[Row.SPIKE_AT].copy()
+    def _clip_limit(self, watch: _Watch, host: np.ndarray, spike_at: np.ndarray | None = None) -> np.ndarray:
+        """The adaptive threshold of each series: its spike threshold (``spike_at``, default this step's),
+        under ``max_norm`` (global), the growth anchors and, for the global norm, ``max_grad_weight_ratio``
+        x the weight norm."""
+        norm, limit = host[Row.NORM], (host[Row.SPIKE_AT] if spike_at is None else spike_at).copy()
         if self.config.max_norm is not None:
             limit[0] = min(limit[0], self.config.max_norm)
         if watch.anchor is not None:
@@ -1160,6 +1447,19 @@ class GradGuard(Callback):
         if self.config.max_grad_weight_ratio is not None and np.isfinite(ratio) and ratio > 0:
             # no history yet (first steps): bound the gradient by the weights' own scale
             limit[0] = min(limit[0], self.config.max_grad_weight_ratio * norm[0] / ratio)
+        return limit
+
+    def _limits(self, watch: _Watch, host: np.ndarray) -> np.ndarray | None:
+        """``sync="deferred"``: the clip limits by series for the device's decision on the next step
+        (``inf`` where none is known yet); ``None`` where nothing is clipped or skipped for exploding."""
+        if "clip" not in self.on_exploding and "skip" not in self.on_exploding:
+            return None
+        limit = self._clip_limit(watch, host, watch.detector.next_spike_at())  # the step's own threshold
+        return np.where(np.isnan(limit), np.inf, limit)
+
+    def _clip(self, optimizer, watch: _Watch, host: np.ndarray) -> float:
+        """Clip to the adaptive threshold: globally if the global norm is over it, else the flagged layers."""
+        norm, limit = host[Row.NORM], self._clip_limit(watch, host)
         over = np.isfinite(norm) & (norm > limit)
         if over[0]:
             coef = float(limit[0] / norm[0])
@@ -1363,6 +1663,9 @@ class GradGuard(Callback):
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
+        trainer, module = (self._trainer and self._trainer()), (self._module and self._module())
+        if trainer is not None and module is not None and any(w.in_flight for w in self._watches.values()):
+            self._land_all(trainer, module, quiet=True)  # sync="deferred": the checkpoint holds the last step
         if self._pending_losses:
             self._flush_losses()  # the trend observes them now instead of at the next step: same state then
         watches = {}

@@ -494,6 +494,16 @@ class TrendDetector:
     ring = _series_property("ring")  # [growth_window, S] past fast levels (a list of rows in Python mode)
     seen = _series_property("seen")  # 1 once the series has had a gradient (was present) at some step
 
+    def next_spike_at(self) -> np.ndarray:
+        """Each series' spike threshold for the next update, from the state after the last one: the
+        norm above which it would be flagged (``inf`` for a series with no observation yet)."""
+        c = self.config
+        count, level, scale = self.count, self.level, self.scale
+        spike_log = np.where(count >= c.warmup_steps, level + np.maximum(c.spike_zscore * scale, self._log_spike_min),
+                             self.maxseen + self._log_warmup_spike)
+        with np.errstate(over="ignore"):
+            return np.where(count >= 1, np.power(10.0, spike_log), np.inf)
+
     def clip_threshold(self, report: np.ndarray) -> float:
         """The global norm this step is clipped to: the spike threshold, or ``max_norm`` (inf: no clipping)."""
         threshold = float(report[Row.SPIKE_AT, 0])

@@ -128,3 +128,36 @@ def test_gpu_check_verdicts_against_the_gpu_targets():
     assert "norm_pass" not in text  # the floor is a reference, not judged
     above = _overhead_targets({**result, "alternating": [], "results": [row("none", 1.0, 0.0), row("gradguard", 1.021, 0.8)]})
     assert "ratio 1.021 (separate runs" in above[0] and above[0].endswith("ABOVE TARGET")
+
+
+def test_the_deferred_variant_needs_a_fused_optimizer_and_gets_one(tmp_path):
+    import pytest
+    import torch
+
+    import overhead
+    from lightning_gradguard import GradGuard
+
+    with pytest.raises(SystemExit):  # it would be refused at the start of training
+        overhead.parse_args(["--variants", "gradguard_deferred"])
+    args = overhead.parse_args(["--variants", "gradguard_deferred", "--fused"])
+    assert args.fused and args.variants == ["none", "gradguard_deferred"]
+    assert overhead.make_guard("gradguard_deferred", GradGuard).sync == "deferred"
+    net = torch.nn.Linear(2, 2)
+    assert overhead.BenchModule(net, None, 1e-3, fused=True).configure_optimizers().defaults["fused"] is True
+    assert not overhead.BenchModule(net, None, 1e-3).configure_optimizers().defaults["fused"]
+
+
+def test_gpu_check_deferred_section_runs_on_a_cpu(tmp_path, monkeypatch):
+    """The GPU session's first command, as a CPU smoke test: sync counts and alternating runs, with verdicts."""
+    import gpu_check
+
+    monkeypatch.setitem(gpu_check.DEFERRED_GROUPS, "cpu", (("few_tensors", 8),))
+    assert gpu_check.main(["--accelerator", "cpu", "--only", "d", "--warmup", "1", "--alternate-steps", "20",
+                           "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "overhead-cpu-smoke-gpu-check.md").read_text()
+    assert "mlp/gradguard_deferred, log_every_n_steps=1: +0.0 syncs vs none, 0 from guard code -> OK (none)" in text
+    assert "## (d) sync='deferred', few_tensors batch 8, AdamW(fused=True)" in text
+    table = text.split("few_tensors batch 8, AdamW(fused=True)")[1]
+    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| gradguard") or
+            line.startswith("| norm_pass")] == ["| gradguard", "| gradguard_deferred", "| norm_pass"]
+    assert "optimizer AdamW (fused=True)" in (tmp_path / "overhead-cpu-smoke-deferred-few_tensors-b8.md").read_text()

@@ -1,0 +1,243 @@
+"""``GradGuard(sync="deferred")``: the skip and the clip decided on the device, the host one step behind."""
+
+import csv
+import glob
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from helpers import FaultyMLP, NormRecorder, digits_loader, trainer
+from lightning_gradguard import GradGuard, GradientHealthError
+
+
+class FusedMLP(FaultyMLP):
+    """FaultyMLP on a fused optimizer (the kind that reads a skip/scale verdict inside its kernel)."""
+
+    def on_after_backward(self):
+        super().on_after_backward()
+        if self.faults.get(self.global_step) == "layer_spike":  # one small layer alone: the global norm barely moves
+            self.net[2].bias.grad *= 40.0
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, fused=True)  # no momentum: a step is lr * g
+
+
+class WeightSteps(Callback):
+    """The size of each optimizer step's change of the weights, measured around the whole step."""
+
+    def __init__(self) -> None:
+        self.before: list[torch.Tensor] = []
+        self.step_norm: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        change = [p.detach() - b for p, b in zip(pl_module.parameters(), self.before)]
+        self.step_norm[trainer.global_step - 1] = torch.linalg.vector_norm(torch.cat([c.flatten() for c in change])).item()
+
+
+def rows(tmp_path) -> dict[int, dict]:
+    (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
+    out: dict[int, dict] = {}
+    for row in csv.DictReader(open(path)):
+        out.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if v != ""})
+    return out
+
+
+def adam_steps(model):
+    return {int(s["step"]) for s in model.trainer.optimizers[0].state.values()}
+
+
+@pytest.mark.parametrize("fault", ["inf", "nan_layer"])
+def test_a_nonfinite_step_is_skipped_on_the_device_and_reported_at_its_own_step(fault):
+    guard = GradGuard(sync="deferred")
+    model = FusedMLP({7: fault}, lr=1e-2)
+    trainer(max_steps=15, callbacks=[guard]).fit(model, digits_loader())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    (event,) = [e for e in guard.events if e.kind == "nonfinite"]
+    assert event.step == 7 and event.actions == ("skip", "alert")
+    assert adam_steps(model) == {14}  # the fused kernel left the step count alone too
+    assert guard.summary()["steps"] == 15  # the last step's statistics were read at the end of training
+    assert not hasattr(model.trainer.optimizers[0], "found_inf")  # nothing left on the user's optimizer
+
+
+def test_the_same_norms_events_and_thresholds_as_one_sync_per_step(tmp_path):
+    logged, losses_seen = {}, {}
+    for sync in ("step", "deferred"):
+        guard = GradGuard(sync=sync, log_every_n_steps=1)
+        torch.manual_seed(0)
+        model = FusedMLP({7: "inf", 20: "spike"}, optimizer="sgd", lr=0.05)
+        trainer(max_steps=25, callbacks=[guard], logger=CSVLogger(tmp_path / sync), log_every_n_steps=1).fit(
+            model, digits_loader())
+        logged[sync] = (rows(tmp_path / sync), [(e.step, e.kind, e.reason, e.layer, e.actions) for e in guard.events])
+        losses_seen[sync] = guard._loss.seen
+    (step_rows, step_events), (deferred_rows, deferred_events) = logged["step"], logged["deferred"]
+    assert losses_seen["deferred"] == losses_seen["step"] == 24  # the loss trend (growth and vanishing gates) too
+    assert deferred_events == step_events and [e[:2] for e in step_events] == [(7, "nonfinite"), (20, "exploding")]
+    assert sorted(deferred_rows) == sorted(step_rows) == list(range(25))  # every step logged at its own step
+    for step in range(21):  # the same training up to the spike (clipped alike, but not necessarily by as much)
+        assert float(deferred_rows[step]["grad/norm_total"]) == pytest.approx(float(step_rows[step]["grad/norm_total"]),
+                                                                                 rel=1e-6, nan_ok=True)
+    # the step's own spike threshold on both paths; the device scales the whole step down to the layer
+    # furthest over its limit, where one sync per step clips that layer alone: never by less
+    step_coef, deferred_coef = float(step_rows[20]["grad/clip_coef"]), float(deferred_rows[20]["grad/clip_coef"])
+    assert 0 < deferred_coef <= step_coef + 1e-6 and step_coef < 0.2
+    assert float(deferred_rows[7]["grad/skipped_steps"]) == 1 and float(deferred_rows[20]["grad/clipped_steps"]) == 1
+
+
+def test_a_layer_over_its_limit_scales_the_whole_step_down_to_it(tmp_path):
+    coefs, events = {}, {}
+    for sync in ("step", "deferred"):
+        guard = GradGuard(sync=sync, log_every_n_steps=1)
+        torch.manual_seed(0)
+        model = FusedMLP({20: "layer_spike"}, optimizer="sgd", lr=0.05)
+        trainer(max_steps=22, callbacks=[guard], logger=CSVLogger(tmp_path / sync), log_every_n_steps=1).fit(
+            model, digits_loader())
+        coefs[sync] = float(rows(tmp_path / sync)[20]["grad/clip_coef"])
+        events[sync] = [(e.step, e.reason, e.layer) for e in guard.events]
+    assert events["deferred"] == events["step"] == [(20, "spike", "net.2")]  # the global norm is not flagged
+    # one sync per step clips `net.2` alone; the device scales every gradient by the same factor
+    assert coefs["deferred"] == pytest.approx(coefs["step"], rel=1e-5) and coefs["step"] < 0.9
+
+
+def test_the_clip_is_applied_inside_the_optimizer_at_the_spike_step(tmp_path):
+    guard, steps = GradGuard(sync="deferred", log_every_n_steps=1), WeightSteps()
+    model = FusedMLP({20: "spike"}, optimizer="sgd", lr=0.05)
+    trainer(max_steps=25, callbacks=[guard, steps], logger=CSVLogger(tmp_path), log_every_n_steps=1).fit(
+        model, digits_loader())
+    row = rows(tmp_path)[20]
+    coef, norm = float(row["grad/clip_coef"]), float(row["grad/norm_total"])
+    assert coef < 0.5
+    # plain SGD: the weights moved by lr x the clipped gradient, not by lr x the spike
+    assert steps.step_norm[20] == pytest.approx(0.05 * norm * coef, rel=1e-3)
+    assert steps.step_norm[20] < 0.05 * norm / 2
+
+
+def test_a_lightning_clip_after_the_guard_sees_the_clipped_gradients(tmp_path):
+    """With Trainer(gradient_clip_val) the guard multiplies the gradients itself (Lightning measures them next)."""
+    guard, after = GradGuard(sync="deferred", log_every_n_steps=1), NormRecorder()
+    model = FusedMLP({20: "spike"}, optimizer="sgd", lr=0.05)
+    trainer(max_steps=22, callbacks=[guard, after], logger=CSVLogger(tmp_path), log_every_n_steps=1,
+            gradient_clip_val=1e6).fit(model, digits_loader())
+    row = rows(tmp_path)[20]
+    assert float(row["grad/clip_coef"]) < 0.5
+    assert after.total[20] == pytest.approx(float(row["grad/norm_total"]) * float(row["grad/clip_coef"]), rel=1e-4)
+
+
+def test_a_plain_optimizer_is_refused_when_a_skip_is_asked_for_and_clipped_by_a_multiply_otherwise(tmp_path):
+    with pytest.raises(ValueError, match=r"optimizer 0 is Adam without it\. Create it with fused=True"):
+        trainer(max_steps=3, callbacks=[GradGuard(sync="deferred")]).fit(FaultyMLP({}), digits_loader())
+    guard, after = GradGuard(sync="deferred", on_nonfinite="log", log_every_n_steps=1), NormRecorder()
+    trainer(max_steps=22, callbacks=[guard, after], logger=CSVLogger(tmp_path), log_every_n_steps=1).fit(
+        FaultyMLP({20: "spike"}), digits_loader())
+    row = rows(tmp_path)[20]
+    assert float(row["grad/clip_coef"]) < 0.5
+    assert after.total[20] == pytest.approx(float(row["grad/norm_total"]) * float(row["grad/clip_coef"]), rel=1e-4)
+
+
+def test_bad_settings_are_refused_at_construction():
+    with pytest.raises(ValueError, match=r"`sync` must be one of 'step', 'deferred', got 'async'"):
+        GradGuard(sync="async")
+    with pytest.raises(ValueError, match=r"`sync='deferred'` cannot be combined with the 'rollback' response"):
+        GradGuard(sync="deferred", on_nonfinite=("skip", "rollback"))
+
+
+def test_raise_comes_one_step_late_and_the_nan_never_reaches_the_weights():
+    guard = GradGuard(sync="deferred", on_nonfinite=("skip", "raise"))
+    model = FusedMLP({5: "nan_layer"})
+    with pytest.raises(GradientHealthError, match=r"step 5: non-finite gradients \(NaN\) in 1 layer: `net.2`"):
+        trainer(max_steps=10, callbacks=[guard]).fit(model, digits_loader())
+    assert model.trainer.global_step == 6  # raised in step 6's hook, before its update
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_fault_at_the_last_step_is_read_at_the_end_of_training():
+    guard = GradGuard(sync="deferred", on_nonfinite=("skip", "raise"))
+    model = FusedMLP({9: "inf"})
+    with pytest.raises(GradientHealthError, match=r"step 9: non-finite"):
+        trainer(max_steps=10, callbacks=[guard]).fit(model, digits_loader())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_fault_read_while_the_last_checkpoint_is_saved_still_raises(tmp_path):
+    guard = GradGuard(sync="deferred", on_nonfinite=("skip", "raise"))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10)  # after the last step: reads step 9
+    with pytest.raises(GradientHealthError, match=r"step 9: non-finite"):
+        trainer(max_steps=10, callbacks=[guard, checkpoints], enable_checkpointing=True).fit(
+            FusedMLP({9: "inf"}), digits_loader())
+    assert glob.glob(f"{tmp_path}/*step=10.ckpt")  # the checkpoint was written, with the event in it
+
+
+def test_a_checkpoint_holds_the_step_in_flight_and_a_resume_goes_on_from_it(tmp_path):
+    def run(sync, folder, ckpt_path=None):
+        guard = GradGuard(sync=sync)
+        torch.manual_seed(0)
+        model = FusedMLP({3: "inf", 9: "nan_layer"}, lr=1e-2)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=6, save_top_k=-1)
+        trainer(max_steps=14, callbacks=[guard, checkpoints], enable_checkpointing=True).fit(
+            model, digits_loader(), ckpt_path=ckpt_path)
+        return guard, model
+
+    def saved(folder):
+        (path,) = glob.glob(f"{tmp_path}/{folder}/*step=6.ckpt")
+        return path, next(v for k, v in torch.load(path, weights_only=False)["callbacks"].items() if "GradGuard" in k)
+
+    run("step", "step")
+    run("deferred", "deferred")
+    (_, one_sync), (path, deferred) = saved("step"), saved("deferred")
+    # the step in flight was read before saving: the checkpoint holds what one sync per step holds
+    assert deferred["watches"][0]["counts"] == one_sync["watches"][0]["counts"]
+    assert deferred["watches"][0]["counts"]["steps"] == 6 and deferred["event_counts"]["nonfinite"] == 1
+    for name, value in one_sync["watches"][0]["detector"].items():
+        assert deferred["watches"][0]["detector"][name] == pytest.approx(value, rel=1e-6, nan_ok=True), name
+    resumed, model = run("deferred", "resumed", ckpt_path=path)
+    assert [(e.step, e.kind) for e in resumed.events] == [(3, "nonfinite"), (9, "nonfinite")]
+    assert resumed.summary()["steps"] == 14 and resumed._watches[0].counts["skipped"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_device_half_of_a_step_reads_nothing_back_to_the_host(monkeypatch, tmp_path):
+    """Every way a tensor's value reaches Python is watched while the guard reads and decides on the
+    device: none may happen (on a GPU each would be a sync). The same watch sees the one copy per step
+    of sync="step"."""
+    calls: list[str] = []
+    armed = [0]  # depth of watched calls (one may call another)
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, __name=name, __original=original, **kwargs):
+            if armed[0]:
+                calls.append(__name)
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    def watched(method):
+        original = getattr(GradGuard, method)
+
+        def run(self, *args, **kwargs):
+            armed[0] += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                armed[0] -= 1
+
+        monkeypatch.setattr(GradGuard, method, run)
+
+    for method in ("_read_on_device", "_decide_on_device"):
+        watched(method)
+    guard = GradGuard(sync="deferred", log_every_n_steps=1, on_exploding=("skip", "alert"))
+    trainer(max_steps=30, callbacks=[guard], logger=CSVLogger(tmp_path), log_every_n_steps=1).fit(
+        FusedMLP({7: "inf", 20: "spike"}, optimizer="sgd", lr=0.05), digits_loader())
+    assert [(e.step, e.actions) for e in guard.events] == [(7, ("skip", "alert")), (20, ("skip", "alert"))]
+    assert calls == []
+    watched("_read_and_copy")  # sync="step": the one copy per step
+    guard = GradGuard(log_every_n_steps=1)
+    trainer(max_steps=5, callbacks=[guard]).fit(FusedMLP({}), digits_loader())
+    assert len([c for c in calls if c in ("cpu", "tolist")]) == 5  # one copy per step: .cpu() or .tolist()
