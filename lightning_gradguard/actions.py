@@ -146,6 +146,13 @@ class LRScale:
         """The optimizer whose learning rates this scales."""
         return self._optimizer
 
+    @property
+    def pending(self) -> float:
+        """The factor still missing from a param group's ``lr`` read now: 1 inside ``step()`` (the groups
+        hold the scaled LR then, Lightning's training closure and so the guard run there), the scale
+        outside it."""
+        return 1.0 if self._saved is not None else self._value
+
     @value.setter
     def value(self, value: float) -> None:
         self._value = float(value)

@@ -762,7 +762,7 @@ class GradGuard(Callback):
             ready.record()
         lrs = None
         if info.param_step:  # as at this step (the schedule moves on meanwhile)
-            lrs = ([g["lr"] for g in optimizer.param_groups], watch.lr_scale.value if watch.lr_scale else 1.0)
+            lrs = ([g["lr"] for g in optimizer.param_groups], watch.lr_scale.pending if watch.lr_scale else 1.0)
         watch.in_flight = _InFlight(info, read, packed, ready, layout, lrs)
 
     def _decide_on_device(self, trainer: Trainer, watch: _Watch, optimizer: torch.optim.Optimizer,
@@ -963,7 +963,7 @@ class GradGuard(Callback):
             group_lrs = [g["lr"] for g in optimizer.param_groups]
         per_group = np.asarray([next(values) if _on_device(lr) else float(lr) for lr in group_lrs], dtype=np.float64)
         if factor is None:
-            factor = watch.lr_scale.value if watch.lr_scale else 1.0
+            factor = watch.lr_scale.pending if watch.lr_scale else 1.0
         return per_group[watch.host_group_index] * factor
 
     # ------------------------------------------------------------------ per-optimizer state
@@ -1042,7 +1042,7 @@ class GradGuard(Callback):
             group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
             ids = [group_of.get(id(p), 0) for p in watch.plan.params]
             watch.group_index = torch.tensor(ids, device=watch.device)  # once per optimizer
-        scale = watch.lr_scale.value if watch.lr_scale else 1.0
+        scale = watch.lr_scale.pending if watch.lr_scale else 1.0  # inside step() the groups hold it already
         device = watch.device
         # torch.full launches a fill kernel with the value as an argument (no host->device copy);
         # a tensor lr (capturable optimizers) stays on the device
@@ -1564,7 +1564,7 @@ class GradGuard(Callback):
             metrics[k("lr_scale")] = watch.lr_scale.value
             lr = trainer.optimizers[watch.index].param_groups[0]["lr"]
             if not _on_device(lr):  # a device tensor LR would cost a sync to read here
-                metrics[k("lr")] = float(lr) * watch.lr_scale.value
+                metrics[k("lr")] = float(lr) * watch.lr_scale.pending  # inside step() the group holds it already
         if watch.snapshots is not None:
             metrics[k("rollbacks")] = float(watch.counts["rollbacks"])
         if self._scaler is not None:

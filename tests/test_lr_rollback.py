@@ -69,6 +69,35 @@ def test_reduce_lr_scales_the_schedule_and_keeps_its_shape(kind):
     assert guard._watches[0].lr_scale.value == 0.5
 
 
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_the_logged_lr_and_update_ratios_are_those_the_step_applied(sync, tmp_path):
+    """Inside optimizer.step (where the guard runs) the param groups hold the scaled LR already:
+    logged LR and update ratios count the guard's scale once."""
+    import csv
+    import glob
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Fused(Scheduled):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr, fused=True)  # constant LR 0.05
+
+    guard = GradGuard(on_exploding=("clip", "reduce_lr"), lr_factor=0.5, log_every_n_steps=1,
+                      detail_every_n_steps=1, sync=sync)
+    model = Fused("lambda")
+    trainer(max_steps=SPIKE + 6, callbacks=[guard], logger=CSVLogger(tmp_path), log_every_n_steps=1).fit(
+        model, digits_loader())
+    rows: dict[int, dict] = {}
+    for row in csv.DictReader(open(glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)[0])):
+        rows.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v})
+    late = 1 if sync == "deferred" else 0  # the reduction acts in the next step's hook
+    for step in (SPIKE - 1, SPIKE + 2 + late):
+        row, lr = rows[step], 0.05 * (0.5 if step > SPIKE + late else 1.0)
+        assert row["grad/lr"] == pytest.approx(lr) and model.applied[step] == pytest.approx(lr, rel=1e-4)
+        ratio = lr * row["grad/norm/net.0"] / row["grad/param_norm/net.0"]
+        assert row["grad/update_ratio/net.0"] == pytest.approx(ratio, rel=1e-5)
+
+
 def test_lr_scale_survives_resume_and_recovers(tmp_path):
     guard = GradGuard(on_exploding="reduce_lr", lr_recover_after=10, lr_factor=0.5)
     t = trainer(max_steps=16, callbacks=[guard])
