@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from helpers import FaultyMLP, NormRecorder, digits_loader, trainer
-from lightning_gradguard import GradGuard, GradientHealthError
+from lightning_gradguard import GradGuard, GradientHealthError, GuardSink
 
 
 class FusedMLP(FaultyMLP):
@@ -241,3 +241,68 @@ def test_the_device_half_of_a_step_reads_nothing_back_to_the_host(monkeypatch, t
     guard = GradGuard(log_every_n_steps=1)
     trainer(max_steps=5, callbacks=[guard]).fit(FusedMLP({}), digits_loader())
     assert len([c for c in calls if c in ("cpu", "tolist")]) == 5  # one copy per step: .cpu() or .tolist()
+
+
+class TwoFusedOptimizers(FusedMLP):
+    """Manual optimization, two fused optimizers (a GAN's alternating steps); NaN planted in part b's gradients."""
+
+    def __init__(self, nan_at: int | None = None):
+        super().__init__({})
+        self.automatic_optimization = False
+        self.b = torch.nn.Linear(10, 10)
+        self.nan_at, self.batches = nan_at, 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        opt_a.zero_grad()
+        self.manual_backward(torch.nn.functional.cross_entropy(self.net(x), y))
+        opt_a.step()
+        opt_b.zero_grad()
+        self.manual_backward(torch.nn.functional.cross_entropy(self.b(self.net(x).detach()), y))
+        if self.batches == self.nan_at:
+            self.b.weight.grad[0, 0] = float("nan")
+        opt_b.step()
+        self.batches += 1
+
+    def configure_optimizers(self):
+        return (torch.optim.Adam(self.net.parameters(), 1e-2, fused=True),
+                torch.optim.Adam(self.b.parameters(), 1e-2, fused=True))
+
+
+def test_two_optimizers_each_have_their_own_step_in_flight():
+    guard = GradGuard(sync="deferred")
+    model = TwoFusedOptimizers(nan_at=5)
+    trainer(max_steps=20, callbacks=[guard]).fit(model, digits_loader())
+    assert [w.counts["steps"] for w in guard._watches.values()] == [10, 10]  # both read to the end
+    (event,) = guard.events
+    assert (event.optimizer, event.layer, event.actions) == (1, "b", ("skip", "alert"))
+    assert event.step == 11  # global_step counts both optimizers' steps: batch 5's second one
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class TotalSink(GuardSink):
+    def __init__(self):
+        self.total: dict[int, float] = {}
+
+    def on_step(self, guard, trainer, *, step, norms, **kwargs):
+        self.total[step] = float(norms[0])
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "accumulate"])
+def test_the_statistics_are_those_of_the_gradients_the_optimizer_gets(precision):
+    kwargs = {"accumulate_grad_batches": 3} if precision == "accumulate" else {"precision": precision}
+    sink, seen = TotalSink(), NormRecorder()
+    guard = GradGuard(sync="deferred", sinks=[sink])
+    trainer(max_steps=6, callbacks=[seen, guard], **kwargs).fit(FusedMLP({}), digits_loader())
+    assert sorted(sink.total) == sorted(seen.total) == list(range(6))
+    for step, norm in sink.total.items():
+        assert norm == pytest.approx(seen.total[step], rel=1e-5)
+
+
+def test_refused_with_a_fp16_grad_scaler():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match=r"`sync='deferred'` does not work with a fp16 GradScaler"):
+        trainer(max_steps=2, callbacks=[GradGuard(sync="deferred")], plugins=[scaler]).fit(FusedMLP({}), digits_loader())
