@@ -45,6 +45,7 @@ from lightning_gradguard.stats import (
     LayerSums,
     PackedRead,
     _tensor_norms,
+    _to_device,
     layer_series,
     layer_series_lists,
     layer_sums,
@@ -114,7 +115,8 @@ class _InFlight:
     host: Tensor  # the packed read + the device's decision, copied to (pinned) host memory without waiting
     ready: Any  # a CUDA event recorded after the copy (None off CUDA: the copy is done)
     layout: tuple[int, int, int]  # (losses, loss scale (0/1), tensor LRs) at the end of the read's extras
-    lrs: tuple[list, float] | None  # param steps: each param group's LR at the step, and the LR scale missing from it
+    lrs: tuple[list, float]  # each param group's LR at the step, and the LR scale missing from it then
+    lr_scale: float | None  # the guard's LR scale at the step
 
 
 @dataclass(frozen=True)
@@ -425,6 +427,7 @@ class GradGuard(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         plugin = trainer.precision_plugin
         self._scaler = getattr(plugin, "scaler", None)
+        self._late_error = None  # of an earlier fit
         self._reduce = self._all_reduce(trainer)
         if stage != "fit":
             return
@@ -520,6 +523,7 @@ class GradGuard(Callback):
         # a "raise" response (or any crash) still flushes metrics, summaries, pictures and records
         self._release_value_clipping(trainer)
         self._release_verdicts()
+        self._late_error = None
         self._detach_loggers(trainer)
         self._sink_call("on_fit_end", trainer, self.summary())
         self._active_sinks = []
@@ -672,9 +676,11 @@ class GradGuard(Callback):
                          param_step)
 
     def _analyse(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
-                 watch: _Watch, info: _StepInfo, series: dict, applied: tuple[float, bool] | None = None) -> None:
+                 watch: _Watch, info: _StepInfo, series: dict, applied: tuple[float, bool] | None = None,
+                 flight: _InFlight | None = None) -> None:
         """The host half of a step: detection, events, responses, logging, sinks. ``applied``: under
-        ``sync="deferred"``, the clip coefficient and skip the device already applied to that step."""
+        ``sync="deferred"``, the clip coefficient and skip the device already applied to that step
+        (``flight``: the step as launched)."""
         step = info.step
         watch.present = series["present"]
         if self._ddp_frozen is not None:
@@ -691,7 +697,7 @@ class GradGuard(Callback):
         )
         extra = [series[name][None] for name in ("max_abs", "weight") if name in series]
         if isinstance(report, list) and not (extra or watch.detector.flags or watch.anchor is not None
-                                             or info.is_log_step or applied is not None):
+                                             or info.is_log_step):
             # the usual healthy step of a small model: findings, responses and sinks need only the
             # norms; the report stays Python lists (no numpy call)
             host = None
@@ -703,11 +709,11 @@ class GradGuard(Callback):
         events = self._findings(watch, host, step)
         clip_coef = self._respond(trainer, pl_module, optimizer, watch, host, events, step, applied)
         if applied is not None:
-            watch.limits = self._limits(watch, host)  # for the device's decision on the next step
+            watch.limits = self._limits(watch)  # for the device's decision on the next step
         metrics = None
         if info.is_log_step or events:
             metrics = self._log(trainer, watch, host, series["present"], info.detail_step,
-                                info.param_step and bool(trainer.loggers), clip_coef, info.log_step)
+                                info.param_step and bool(trainer.loggers), clip_coef, info.log_step, flight)
         if self._active_sinks:
             self._sink_step(trainer, watch, step, info.log_step,
                             host[Row.NORM] if host is not None else report[Row.NORM], metrics)
@@ -726,14 +732,20 @@ class GradGuard(Callback):
             error, self._late_error = self._late_error, None
             raise error
         if watch.in_flight is not None:
-            self._land(trainer, pl_module, optimizer, watch)
-        if self._skips_on_device and not DeviceVerdict.supported(optimizer):
-            # an optimizer replaced mid-run by one that cannot skip on the device (checked at the start)
-            if ("sync", id(optimizer)) not in self._reported_errors:
-                self._reported_errors.add(("sync", id(optimizer)))
-                log.warning("GradGuard: optimizer %d (%s) is not fused: it cannot skip a step on the device; "
-                            "sync='deferred' falls back to one host sync per step for it", watch.index,
-                            type(optimizer).__name__)
+            try:
+                self._land(trainer, pl_module, optimizer, watch)
+            except GradientHealthError:
+                raise  # the deliberate "raise" response, one step late
+            except Exception as err:  # noqa: BLE001 - that step goes unread; this one is still guarded
+                self._report_internal_error(trainer, err)
+        why = self._device_cannot_skip(optimizer)
+        if why:
+            # one host sync for this step (an optimizer replaced mid-run by one that is not fused is also
+            # checked at the start; a momentum SGD before its first update)
+            if ("sync", id(optimizer), why) not in self._reported_errors:
+                self._reported_errors.add(("sync", id(optimizer), why))
+                log.info("GradGuard: optimizer %d (%s) %s: sync='deferred' reads that step with one host sync",
+                         watch.index, type(optimizer).__name__, why)
             info = self._step_info(trainer, watch)
             series = self._read(watch, optimizer, info.detail_step, info.param_step)
             if series is not None:
@@ -743,6 +755,8 @@ class GradGuard(Callback):
             if watch.verdict is not None:
                 watch.verdict.remove()
             watch.verdict = DeviceVerdict(optimizer) if DeviceVerdict.supported(optimizer) else None
+        if watch.limits is None:  # the first step, or after a resume: the thresholds the detector holds
+            watch.limits = self._limits(watch)
         info = self._step_info(trainer, watch)
         losses, self._pending_losses = self._pending_losses, []
         try:
@@ -757,48 +771,77 @@ class GradGuard(Callback):
         packed = torch.cat([read.packed, self._decide_on_device(trainer, watch, optimizer, read)])
         ready = None
         if packed.device.type == "cuda":
+            stream = torch.cuda.current_stream(packed.device)
             packed = packed.to("cpu", non_blocking=True)  # into pinned host memory: queued, not waited for
             ready = torch.cuda.Event()
-            ready.record()
-        lrs = None
-        if info.param_step:  # as at this step (the schedule moves on meanwhile)
-            lrs = ([g["lr"] for g in optimizer.param_groups], watch.lr_scale.pending if watch.lr_scale else 1.0)
-        watch.in_flight = _InFlight(info, read, packed, ready, layout, lrs)
+            ready.record(stream)
+        # the LRs as at this step, for the update ratios and the logged LR (the schedule moves on meanwhile)
+        lrs = ([g["lr"] for g in optimizer.param_groups], watch.lr_scale.pending if watch.lr_scale else 1.0)
+        watch.in_flight = _InFlight(info, read, packed, ready, layout, lrs,
+                                    watch.lr_scale.value if watch.lr_scale else None)
+
+    def _device_cannot_skip(self, optimizer: torch.optim.Optimizer) -> str | None:
+        """Why this step's skip cannot be left to the device (``None``: it can, or none is asked for)."""
+        if not self._skips_on_device:
+            return None
+        if not DeviceVerdict.supported(optimizer):
+            return "is not fused: it cannot skip a step on the device"
+        if isinstance(optimizer, torch.optim.SGD) and any(
+            g.get("momentum", 0) and any(p.grad is not None and "momentum_buffer" not in optimizer.state.get(p, {})
+                                         for p in g["params"])
+            for g in optimizer.param_groups
+        ):
+            # torch's fused SGD creates its momentum buffers uninitialised (torch.empty_like) and fills them
+            # in the first update: skipped by found_inf, they would keep that garbage
+            return "has momentum buffers to create in this update"
+        return None
 
     def _decide_on_device(self, trainer: Trainer, watch: _Watch, optimizer: torch.optim.Optimizer,
                           read: PackedRead) -> Tensor:
-        """This step's clip and skip, decided by device tensors against the limits the host derived from
-        the previous step (``watch.limits``), and applied: through the fused optimizer's own kernel
-        (``found_inf``, ``grad_scale``), else by one foreach multiply. Returns ``[coefficient, skipped]``
-        (float32, on the device) for the host to record when it reads the step. No host sync: every
-        limit is a host float passed as a kernel argument, or a host array copied without waiting."""
+        """This step's clip and skip, decided by device tensors and applied: through the fused optimizer's
+        own kernel (``found_inf``, ``grad_scale``), else by one foreach multiply. The limits are the host's
+        from the steps before (``watch.limits``), and ``max_grad_weight_ratio`` x this step's weight norm
+        where it was read. As with ``sync="step"``, a global norm over its limit scales the step down to
+        it; a layer over its own limit (the global norm not) scales the whole step down to that layer's
+        limit, where ``sync="step"`` scales the layer alone (one factor: the fused kernel takes one).
+        Returns ``[coefficient, skipped]`` (float32, on the device) for the host to record when it reads
+        the step. No host sync: every limit is a host float passed as a kernel argument, or a host array
+        copied from pinned memory without waiting."""
         n = len(read.positions)
         squares = read.packed[:n].square()
         total = squares.sum().sqrt()
+        device = total.device
         limits = watch.limits
         clipping = "clip" in self.on_exploding
         coef = None
-        if limits is not None and ("clip" in self.on_exploding or "skip" in self.on_exploding):
+        if limits is not None:
             limit = float(limits[0])  # a host float: a kernel argument
-            coef = torch.clamp(limit / total, max=1.0) if math.isfinite(limit) else torch.ones_like(total)
+            limit_t = torch.full((), limit, device=device) if math.isfinite(limit) else None
+            if self.config.max_grad_weight_ratio is not None and "weight" in read.names:
+                # no history needed (the first steps, a bad init): the weights' own scale, read with this step
+                k = read.names.index("weight")
+                bound = read.packed[k * n : (k + 1) * n].square().sum().sqrt() * self.config.max_grad_weight_ratio
+                limit_t = bound if limit_t is None else torch.minimum(limit_t, bound)
+            coef = torch.ones_like(total) if limit_t is None else torch.clamp(limit_t / total, max=1.0)
             layer = limits[1:]
-            if np.isfinite(layer).any():  # a layer over its own limit scales the whole step down to it
-                positions = read.positions
-                index = watch.plan.index(None if n == len(watch.plan.params) else positions, total.device)
+            if np.isfinite(layer).any():
+                index = watch.plan.index(None if n == len(watch.plan.params) else read.positions, device)
                 layer_norm = squares.new_zeros(watch.plan.num_layers).index_add_(0, index, squares).sqrt()
-                layer_limit = torch.from_numpy(layer.astype(np.float32)).to(total.device, non_blocking=True)
-                coef = torch.minimum(coef, (layer_limit / layer_norm).amin())
+                layer_limit = _to_device(torch.from_numpy(layer.astype(np.float32)), device)
+                worst_layer = torch.clamp((layer_limit / layer_norm).amin(), max=1.0)
+                coef = torch.where(coef < 1.0, coef, worst_layer)  # the global limit first, as sync="step"
             coef = coef.nan_to_num(nan=1.0)  # NaN gradients: the skip's business, not the clip's
         skip = ~torch.isfinite(total) if "skip" in self.on_nonfinite else torch.zeros((), dtype=torch.bool,
-                                                                                          device=total.device)
+                                                                                          device=device)
         if coef is not None and "skip" in self.on_exploding:
             skip = skip | (coef < 1.0)
         if not clipping or coef is None:
             coef = torch.ones_like(total)
         verdict = watch.verdict
         if verdict is not None:
-            # Lightning's own clipping (gradient_clip_val) runs after this hook on the gradients as they
-            # are: scale them first, so that it measures what the optimizer will apply
+            # Lightning's own clipping (gradient_clip_val, under 32-true: Lightning refuses it with a fused
+            # optimizer under AMP) runs after this hook on the gradients as they are: scale them first, so
+            # that it measures what the optimizer will apply
             in_kernel = clipping and not trainer.gradient_clip_val
             verdict.set(found_inf=skip.float() if self._skips_on_device else None,
                         grad_scale=coef.clamp(min=1e-30).reciprocal() if in_kernel else None)
@@ -828,7 +871,7 @@ class GradGuard(Callback):
         series = self._host_series(watch, optimizer, flight.read, flight.layout, values, host, [], flight.lrs,
                                    refine=False)
         self._analyse(trainer, pl_module, optimizer, watch, flight.info, series,
-                      applied=(float(decision[0]), decision[1] > 0))
+                      applied=(float(decision[0]), decision[1] > 0), flight=flight)
 
     def _land_all(self, trainer: Trainer, pl_module: LightningModule, quiet: bool = False) -> None:
         """Read every step still in flight (the end of training, a checkpoint). ``quiet``: a "raise" is
@@ -1008,6 +1051,8 @@ class GradGuard(Callback):
         latches and clip anchors restart; rollback snapshots are dropped (they hold the optimizer's
         state of before, which cannot be loaded into it any more: an Adam state loaded into a new
         SGD crashed its step). A replaced optimizer gets the LR scale afresh (1), on its own hooks."""
+        if watch.in_flight is not None:  # sync="deferred": read the step in flight against the plan it was read with
+            self._land(trainer, pl_module, watch.optimizer() or optimizer, watch)
         old = watch.plan
         watch.plan, watch.param_groups, watch.device = self._plan(trainer, pl_module, optimizer)
         before, now = _members(old), _members(watch.plan)
@@ -1027,7 +1072,7 @@ class GradGuard(Callback):
                     watch.lr_scale.remove()
                 watch.lr_scale = scale
         watch.last_fired, watch.anchor, watch.anchor_until = {}, None, None
-        watch.in_flight = watch.limits = None  # sync="deferred": read against the old plan, limits of old layers
+        watch.limits = None  # sync="deferred": limits of the old layers
         watch.group_index = watch.host_group_index = None
         watch.keys = {}
         if watch.snapshots is not None:
@@ -1434,11 +1479,10 @@ class GradGuard(Callback):
         self._last_alert[key] = step
         return True
 
-    def _clip_limit(self, watch: _Watch, host: np.ndarray, spike_at: np.ndarray | None = None) -> np.ndarray:
-        """The adaptive threshold of each series: its spike threshold (``spike_at``, default this step's),
-        under ``max_norm`` (global), the growth anchors and, for the global norm, ``max_grad_weight_ratio``
-        x the weight norm."""
-        norm, limit = host[Row.NORM], (host[Row.SPIKE_AT] if spike_at is None else spike_at).copy()
+    def _clip_limit(self, watch: _Watch, host: np.ndarray) -> np.ndarray:
+        """The adaptive threshold of each series: its spike threshold, under ``max_norm`` (global), the
+        growth anchors and, for the global norm, ``max_grad_weight_ratio`` x the weight norm."""
+        norm, limit = host[Row.NORM], host[Row.SPIKE_AT].copy()
         if self.config.max_norm is not None:
             limit[0] = min(limit[0], self.config.max_norm)
         if watch.anchor is not None:
@@ -1449,12 +1493,18 @@ class GradGuard(Callback):
             limit[0] = min(limit[0], self.config.max_grad_weight_ratio * norm[0] / ratio)
         return limit
 
-    def _limits(self, watch: _Watch, host: np.ndarray) -> np.ndarray | None:
-        """``sync="deferred"``: the clip limits by series for the device's decision on the next step
-        (``inf`` where none is known yet); ``None`` where nothing is clipped or skipped for exploding."""
+    def _limits(self, watch: _Watch) -> np.ndarray | None:
+        """``sync="deferred"``: the clip limit of each series for the device's decision on the next step,
+        from the detector's state (the spike thresholds that step will be judged by), ``max_norm`` and the
+        growth anchors; ``inf`` where none is known yet. (The ``max_grad_weight_ratio`` bound is applied
+        on the device, with the step's own weight norm.) ``None`` where exploding is not clipped or skipped."""
         if "clip" not in self.on_exploding and "skip" not in self.on_exploding:
             return None
-        limit = self._clip_limit(watch, host, watch.detector.next_spike_at())  # the step's own threshold
+        limit = watch.detector.next_spike_at()
+        if self.config.max_norm is not None:
+            limit[0] = min(limit[0], self.config.max_norm)
+        if watch.anchor is not None:
+            limit = np.minimum(limit, watch.anchor)
         return np.where(np.isnan(limit), np.inf, limit)
 
     def _clip(self, optimizer, watch: _Watch, host: np.ndarray) -> float:
@@ -1545,7 +1595,8 @@ class GradGuard(Callback):
             watch.keys[("layers", kind)] = keys
         return keys
 
-    def _log(self, trainer, watch: _Watch, host, present, detail_step, param_step, clip_coef, log_step) -> dict[str, float]:
+    def _log(self, trainer, watch: _Watch, host, present, detail_step, param_step, clip_coef, log_step,
+             flight: _InFlight | None = None) -> dict[str, float]:
         k = lambda name: self._key(watch, name)  # noqa: E731
         norm = host[Row.NORM].tolist()  # numpy, on the host already: no sync
         nonfinite = 0.0
@@ -1561,10 +1612,14 @@ class GradGuard(Callback):
         if "skip" in self.on_nonfinite + self.on_exploding:
             metrics[k("skipped_steps")] = float(watch.counts["skipped"])
         if watch.lr_scale is not None:
-            metrics[k("lr_scale")] = watch.lr_scale.value
-            lr = trainer.optimizers[watch.index].param_groups[0]["lr"]
+            if flight is None:  # now, inside the step
+                scale, lr, missing = (watch.lr_scale.value, trainer.optimizers[watch.index].param_groups[0]["lr"],
+                                      watch.lr_scale.pending)  # inside step() the group holds the scale already
+            else:  # sync="deferred": as they were at that step
+                scale, lr, missing = flight.lr_scale, flight.lrs[0][0], flight.lrs[1]
+            metrics[k("lr_scale")] = scale
             if not _on_device(lr):  # a device tensor LR would cost a sync to read here
-                metrics[k("lr")] = float(lr) * watch.lr_scale.pending  # inside step() the group holds it already
+                metrics[k("lr")] = float(lr) * missing
         if watch.snapshots is not None:
             metrics[k("rollbacks")] = float(watch.counts["rollbacks"])
         if self._scaler is not None:

@@ -158,8 +158,8 @@ class LayerPlan:
         """Float32 per parameter at ``positions``, on ``device``: the share of its local sum of squares
         this rank adds to an all-reduce sum over every rank, so that each element counts once
         (see :func:`shard_share`). Cached."""
-        return self._memo(("shares", self._key(positions), device), lambda: torch.tensor(
-            [shard_share(self.params[i]) for i in positions], dtype=torch.float32, device=device))
+        return self._memo(("shares", self._key(positions), device), lambda: _to_device(torch.tensor(
+            [shard_share(self.params[i]) for i in positions], dtype=torch.float32), device))
 
     def present_mask(self, positions: Sequence[int]) -> np.ndarray:
         """Host bool per layer: does any parameter in ``positions`` belong to it? Cached, read-only."""
@@ -208,19 +208,27 @@ class LayerPlan:
     def present(self, positions: Sequence[int], device: torch.device) -> Tensor:
         """Bool per layer on ``device``: does any parameter in ``positions`` belong to it? Cached."""
         return self._memo(("present", self._key(positions), device),
-                          lambda: torch.from_numpy(self.present_mask(positions).copy()).to(device))
+                          lambda: _to_device(torch.from_numpy(self.present_mask(positions).copy()), device))
 
     def positions(self, positions: Sequence[int], device: torch.device) -> Tensor:
         """``positions`` as a device index tensor. Cached."""
         return self._memo(("positions", tuple(positions), device),
-                          lambda: torch.tensor(list(positions), dtype=torch.long, device=device))
+                          lambda: _to_device(torch.tensor(list(positions), dtype=torch.long), device))
 
     def index(self, positions: Sequence[int] | None, device: torch.device) -> Tensor:
         """Layer index of each parameter in ``positions`` (``None``: all), on ``device``. Cached."""
         key = ("index", len(self.params) if positions is None else self._key(positions), device)
-        return self._memo(key, lambda: torch.tensor(
+        return self._memo(key, lambda: _to_device(torch.tensor(
             self.layer_of_param if positions is None else [self.layer_of_param[i] for i in positions],
-            dtype=torch.long, device=device))
+            dtype=torch.long), device))
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without a host sync: through pinned memory where ``device`` is CUDA (torch's
+    caching host allocator keeps the pinned block until the copy has run; a blocking copy would sync)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 # CPU reading of many small tensors: see _Stacking
