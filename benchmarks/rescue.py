@@ -12,8 +12,11 @@ variant of the LR jump defined here, trains side by side:
 4. ``guard``:     ``GradGuard()`` defaults;
 5. ``guard_rb``:  ``GradGuard(on_exploding=("rollback", "reduce_lr", "alert"), lr_factor=0.1)``
    (rollback + LR reduction on exploding; ``rollback_every`` left at its default 50);
-6. ``guard_rb10``: the same with ``rollback_every=10``: a sensitivity check only,
-   not scored against the targets;
+6. ``guard_deferred``: ``GradGuard(sync="deferred")`` (the defaults without a host
+   sync, skip and clip decided on the device), the scenario's optimizer in its
+   fused form (which that mode needs); not scored against the targets;
+7. ``guard_rb10``: the same as ``guard_rb`` with ``rollback_every=10``: a sensitivity
+   check only, not scored against the targets;
 
 plus the fault-free twin (``fault=False``, no protection) as the reference,
 and reports per scenario and variant: final loss, whether the weights stayed
@@ -141,6 +144,7 @@ class Variant:
     callbacks: Callable[[], list[Callback]] = list
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     fault: bool = True
+    module_attrs: dict[str, Any] = field(default_factory=dict)  # set on the scenario's module
 
 
 def _zclip() -> list[Callback]:
@@ -161,6 +165,12 @@ def _guard_rb() -> list[Callback]:
     return [GradGuard(on_exploding=("rollback", "reduce_lr", "alert"), lr_factor=0.1)]
 
 
+def _guard_deferred() -> list[Callback]:
+    from lightning_gradguard import GradGuard
+
+    return [GradGuard(sync="deferred")]
+
+
 def _guard_rb10() -> list[Callback]:
     from lightning_gradguard import GradGuard
 
@@ -178,6 +188,9 @@ VARIANTS: tuple[Variant, ...] = (
         'GradGuard(on_exploding=("rollback", "reduce_lr", "alert"), lr_factor=0.1)',
         callbacks=_guard_rb,
     ),
+    # not scored against the targets: the defaults without a host sync (on the scenario's optimizer, fused)
+    Variant("guard_deferred", 'GradGuard(sync="deferred"), fused optimizer', callbacks=_guard_deferred,
+            module_attrs={"fused": True}),
     # sensitivity only (not scored against the targets): snapshots 5x more often
     Variant(
         "guard_rb10",
@@ -187,7 +200,7 @@ VARIANTS: tuple[Variant, ...] = (
 )
 BY_KEY = {v.key: v for v in (TWIN, *VARIANTS)}
 GUARDS = ("guard", "guard_rb")  # the variants scored against the targets
-GUARD_VARIANTS = (*GUARDS, "guard_rb10")
+GUARD_VARIANTS = (*GUARDS, "guard_deferred", "guard_rb10")
 PEERS = ("clip", "zclip")
 
 
@@ -213,7 +226,7 @@ def _loss_marks(res: ScenarioResult) -> dict[str, Optional[float]]:
 def run_one(name: str, variant: Variant, seed: int) -> dict[str, Any]:
     """Train one (scenario, variant, seed) and return a plain record (no tensors, no callbacks)."""
     res = run_scenario(scenario(name), callbacks=variant.callbacks(), fault=variant.fault, seed=seed,
-                       trainer_kwargs=variant.trainer_kwargs)
+                       trainer_kwargs=variant.trainer_kwargs, module_attrs=variant.module_attrs)
     row: dict[str, Any] = {
         "scenario": name,
         "variant": variant.key,
@@ -458,6 +471,10 @@ NOTES = [
     "  steps lost on 150-400-step runs, and the step-0 snapshot covers `lr_too_high` (fault from step 0).",
     "  `guard_rb10` (`rollback_every=10`) shows how much of `guard_rb`'s result is the snapshot cadence; it is",
     "  not scored against the targets.",
+    "- `guard_deferred` runs the scenario's optimizer fused (`fused=True`), which `sync=\"deferred\"` hands its",
+    "  skip and clip to; the other variants and the twin run it unfused (the same maths, other kernels).",
+    "  It decides the step's clip against limits the host derived from the steps before, and `reduce_lr`,",
+    "  `stop`, `raise` come one step late; it is not scored against the targets.",
     "- Every run: 1 torch thread, CPU; the guard's Python `logging` alerts are silenced while running.",
 ]
 

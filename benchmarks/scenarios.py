@@ -247,13 +247,16 @@ class _Module(L.LightningModule):
         x, y = self.perturb(*batch)
         return self.loss(self.net(x), y)
 
+    fused = False  # the optimizers' one-kernel form (what GradGuard(sync="deferred") hands its verdict to)
+
     def configure_optimizers(self) -> Any:
+        fused = True if self.fused else None
         if self.optimizer_name == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, fused=fused)
         elif self.optimizer_name == "adamw":
-            opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, fused=fused)
         else:
-            opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+            opt = torch.optim.Adam(self.parameters(), lr=self.lr, fused=fused)
         if self.lr_lambda is None:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda)
@@ -815,12 +818,14 @@ def run_scenario(
     max_steps: Optional[int] = None,
     trainer_kwargs: Optional[dict[str, Any]] = None,
     num_threads: int = 1,
+    module_attrs: Optional[dict[str, Any]] = None,
 ) -> ScenarioResult:
     """Train ``scenario`` (or its fault-free twin) on CPU and collect what happened.
 
     Seeds everything with ``seed`` before building, so two calls with the same
     arguments give the same run. ``trainer_kwargs`` override the scenario's own
-    Trainer arguments (which override the CPU/no-logging defaults).
+    Trainer arguments (which override the CPU/no-logging defaults);
+    ``module_attrs`` are set on the module built (``{"fused": True}``).
     """
     if isinstance(scenario, str):
         scenario = get_scenario(scenario)
@@ -840,6 +845,8 @@ def run_scenario(
             warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")  # lightning vs torch 2.13
             L.seed_everything(seed, workers=True, verbose=False)
             built = scenario.build(fault=fault, seed=seed)
+            for name, value in (module_attrs or {}).items():
+                setattr(built.module, name, value)
             kwargs = {**_BASE_TRAINER_KWARGS, **built.trainer_kwargs, **(trainer_kwargs or {})}
             kwargs["max_steps"] = steps
             kwargs["callbacks"] = [*callbacks, recorder]

@@ -27,3 +27,17 @@ def test_small_scenario_detected_in_time_without_false_alarms(scenario):
     if row["first_nonfinite_loss_step"] is not None:
         # a divergence is named before its loss turns NaN/Inf
         assert row["event_step"] < row["first_nonfinite_loss_step"] or scenario.expected == "nonfinite"
+
+
+def test_the_rescue_benchmark_runs_sync_deferred_on_the_scenarios_optimizer_fused():
+    """rescue.py's guard_deferred variant: module_attrs reach the scenario's module, whose optimizer is then
+    fused (what sync='deferred' hands its skip to: it refuses an unfused one)."""
+    from rescue import BY_KEY, run_one
+
+    variant = BY_KEY["guard_deferred"]
+    assert variant.module_attrs == {"fused": True}
+    result = run_scenario("inf_input", callbacks=variant.callbacks(), module_attrs=variant.module_attrs, max_steps=30)
+    assert result.module.trainer.optimizers[0].defaults["fused"] is True
+    assert result.weights_finite
+    row = run_one("inf_input", variant, seed=0)
+    assert row["weights_finite"] and row["actions"].get("skip") == 1
