@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from helpers import DigitsMLP, FaultyMLP, digits_loader, trainer
 from lightning_gradguard import GradEvent, GradGuard
@@ -301,3 +302,28 @@ def test_pictures_and_histograms_per_optimizer_in_a_real_trainer(fake):
 def test_arguments_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         WandbSink(**kwargs)
+
+
+def test_sync_deferred_logs_each_step_at_its_own_step_and_alerts(wandb_env):
+    """sync='deferred' reads (and logs) each step one step late: W&B still gets every row at its own
+    trainer/global_step, the same rows and alerts as one sync per step."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    class Fused(FaultyMLP):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr, fused=True)
+
+    guard = GradGuard(sync="deferred", alert_quiet_steps=0)
+    logger = WandbLogger(offline=True, save_dir=str(wandb_env))
+    trainer(logger=logger, max_steps=STEPS, log_every_n_steps=5, callbacks=[guard]).fit(
+        Fused(FAULTS, optimizer="sgd", lr=0.05), digits_loader())
+    wandb.finish()
+    run = read_run(find_run_file(str(wandb_env)))
+    assert [(e.step, e.kind) for e in guard.events] == [(7, "nonfinite"), (9, "nonfinite"), (12, "nonfinite"),
+                                                         (20, "exploding")]
+    rows = {r["trainer/global_step"]: r for r in run.rows_with("grad/norm_total")}
+    assert set(rows) == {s for s in range(STEPS) if (s + 1) % 5 == 0} | {7, 9, 12, 20}
+    assert rows[12]["grad/events/nonfinite"] == 3 and rows[12]["grad/skipped_steps"] == 3
+    assert rows[20]["grad/clip_coef"] < 1 and rows[20]["grad/clipped_steps"] == 1
+    assert [a["title"] for a in run.alerts] == ["GradGuard: nonfinite gradients in net.0",
+                                                "GradGuard: exploding gradients in net.0"]
