@@ -411,3 +411,29 @@ def test_a_raise_held_when_a_run_crashed_is_not_raised_in_the_next_fit(tmp_path)
                 enable_checkpointing=True).fit(Crashing({4: "inf"}), digits_loader())
     trainer(max_steps=10, callbacks=[guard]).fit(FusedMLP({}), digits_loader())  # a healthy run: no stale raise
     assert [(e.step, e.kind) for e in guard.events] == [(4, "nonfinite")]
+
+
+def test_a_landed_step_is_written_to_the_loggers_inside_the_next_hook(tmp_path, monkeypatch):
+    """Not in Lightning's logger call at the end of the step (on a GPU: after its sync, the device idle)."""
+    inside = [False]
+    original = GradGuard.on_before_optimizer_step
+
+    def hook(self, *args):
+        inside[0] = True
+        try:
+            return original(self, *args)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(GradGuard, "on_before_optimizer_step", hook)
+    written: list[tuple[int, bool]] = []
+
+    class Spy(CSVLogger):
+        def log_metrics(self, metrics, step=None):
+            if "grad/norm_total" in metrics:
+                written.append((step, inside[0]))
+            return super().log_metrics(metrics, step)
+
+    trainer(max_steps=8, callbacks=[GradGuard(sync="deferred", log_every_n_steps=1)], logger=Spy(tmp_path),
+            log_every_n_steps=1).fit(FusedMLP({}), digits_loader())
+    assert written == [(step, step < 7) for step in range(8)]  # the last one at the end of training
