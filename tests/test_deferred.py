@@ -437,3 +437,19 @@ def test_a_landed_step_is_written_to_the_loggers_inside_the_next_hook(tmp_path, 
     trainer(max_steps=8, callbacks=[GradGuard(sync="deferred", log_every_n_steps=1)], logger=Spy(tmp_path),
             log_every_n_steps=1).fit(FusedMLP({}), digits_loader())
     assert written == [(step, step < 7) for step in range(8)]  # the last one at the end of training
+
+
+def test_gradients_whose_float32_squares_overflow_are_skipped_as_non_finite():
+    """sync='step' re-reads such a step in float64 and clips it (test_responses); here the gradients are gone
+    by the time the host reads the step, and the device took the Inf sum for one: skipped, said so."""
+
+    class Huge(FusedMLP):
+        def on_after_backward(self):
+            if self.global_step == 12:
+                self.net[2].weight.grad.mul_(1e22)  # entries ~1e20: finite, their float32 squares are not
+
+    guard = GradGuard(sync="deferred")
+    model = Huge({})
+    trainer(max_steps=16, callbacks=[guard]).fit(model, digits_loader())
+    assert [(e.step, e.kind, e.reason, e.actions) for e in guard.events] == [(12, "nonfinite", "inf", ("skip", "alert"))]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
