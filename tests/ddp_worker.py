@@ -1,6 +1,6 @@
 """Standalone DDP run (2 CPU processes, gloo) used by tests/test_ddp.py.
 
-Usage: python tests/ddp_worker.py OUT_DIR MODE   (MODE: skip | stop)
+Usage: python tests/ddp_worker.py OUT_DIR MODE   (MODE: skip | stop | deferred_stop: sync="deferred", fused Adam)
 An Inf enters the input on rank 1 only, at step 5. Each rank writes what its
 guard saw to OUT_DIR/rank<r>.json; the sink (rank 0 only) writes OUT_DIR/sink-rank<r>.txt.
 """
@@ -19,9 +19,14 @@ from lightning_gradguard import GradGuard, GuardSink  # noqa: E402
 
 
 class RankOneFault(FaultyMLP):
+    fused = False
+
     def training_step(self, batch, batch_idx):
         self.faults = {5: "inf"} if self.global_rank == 1 else {}
         return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True) if self.fused else super().configure_optimizers()
 
 
 class FileSink(GuardSink):
@@ -53,12 +58,15 @@ class Report(pl.Callback):
 
 def main(out, mode):
     pl.seed_everything(0, verbose=False)
-    guard = GradGuard(on_nonfinite=("skip", "stop") if mode == "stop" else ("skip", "alert"), sinks=[FileSink(out)])
+    guard = GradGuard(on_nonfinite=("skip", "stop") if mode.endswith("stop") else ("skip", "alert"), sinks=[FileSink(out)],
+                      sync="deferred" if mode.startswith("deferred") else "step")
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=12, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[guard, Report(out, guard)],
     )
-    trainer.fit(RankOneFault({}, lr=1e-2), digits_loader(batch_size=16))
+    model = RankOneFault({}, lr=1e-2)
+    model.fused = mode.startswith("deferred")
+    trainer.fit(model, digits_loader(batch_size=16))
 
 
 if __name__ == "__main__":

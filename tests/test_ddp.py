@@ -20,7 +20,7 @@ def run_ddp(tmp_path, mode):
     return [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("mode", ["skip", "stop"])
+@pytest.mark.parametrize("mode", ["skip", "stop", "deferred_stop"])
 def test_fault_on_one_rank_same_events_and_action_everywhere(tmp_path, mode):
     ranks = run_ddp(tmp_path, mode)
     events = [r["events"] for r in ranks]
@@ -29,7 +29,8 @@ def test_fault_on_one_rank_same_events_and_action_everywhere(tmp_path, mode):
     assert event["kind"] == "nonfinite" and event["step"] == 5
     assert all(r["finite"] for r in ranks)
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # same weights: same action taken everywhere
-    expected_steps = 6 if mode == "stop" else 12
+    # "stop" ends the run after the faulty step; sync="deferred" reads it, and stops, one step later
+    expected_steps = {"stop": 6, "deferred_stop": 7}.get(mode, 12)
     assert [r["global_step"] for r in ranks] == [expected_steps, expected_steps]
     # the sink (alerts, files) ran on rank 0 only, once
     assert (tmp_path / "sink-rank0.txt").read_text().count("\n") == 1
