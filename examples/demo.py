@@ -5,7 +5,9 @@ scikit-learn). Twice the data goes bad: at step 80 one batch is corrupted
 (inputs x 1,000: a gradient spike), at step 160 one batch carries an Inf (NaN
 gradients). The same run is trained without and with ``GradGuard()``.
 
-Run: ``bash scripts/demo.sh`` (sets up .venv once), or ``python examples/demo.py``.
+Run: ``bash scripts/demo.sh`` (sets up .venv once), or ``python examples/demo.py``;
+``--sync deferred`` guards with ``GradGuard(sync="deferred")`` (no host sync; the
+optimizer is then the fused Adam that mode hands its skip and clip to).
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ class Digits(Dataset):
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, data: Digits) -> None:
+    def __init__(self, data: Digits, fused: bool = False) -> None:
         super().__init__()
-        self.data = data
+        self.data, self.fused = data, fused
         self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 
     def training_step(self, batch, batch_idx):
@@ -72,13 +74,13 @@ class Classifier(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=3e-3)
+        return torch.optim.Adam(self.parameters(), lr=3e-3, fused=True if self.fused else None)
 
 
-def train(guard: GradGuard | None, steps: int, log_dir: str, faults: bool = True):
+def train(guard: GradGuard | None, steps: int, log_dir: str, faults: bool = True, fused: bool = False):
     pl.seed_everything(0, verbose=False)
     data = Digits(batch_size=32, faults=faults)
-    model = Classifier(data)
+    model = Classifier(data, fused)
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=steps, logger=CSVLogger(log_dir, name="demo"), log_every_n_steps=10,
         callbacks=[guard] if guard else [], enable_checkpointing=False, enable_progress_bar=False,
@@ -95,6 +97,8 @@ def train(guard: GradGuard | None, steps: int, log_dir: str, faults: bool = True
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--sync", choices=("step", "deferred"), default="step",
+                        help='GradGuard(sync=...): "deferred" makes no host sync (and trains with a fused Adam)')
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -102,13 +106,15 @@ def main() -> None:
 
     print(f"Training an MLP on load_digits for {args.steps} steps; a corrupted batch at step {SPIKE_STEP}, "
           f"an Inf input at step {NAN_STEP}.\n")
-    finite, acc, _ = train(None, args.steps, out, faults=False)
+    fused = args.sync == "deferred"
+    finite, acc, _ = train(None, args.steps, out, faults=False, fused=fused)
     print(f"  fault-free run          : weights finite={finite}, train accuracy {acc:.1%}")
-    finite, acc, _ = train(None, args.steps, out)
+    finite, acc, _ = train(None, args.steps, out, fused=fused)
     print(f"  faults, no guard        : weights finite={finite}, train accuracy {acc:.1%}")
-    guard = GradGuard()
-    finite, acc, trainer = train(guard, args.steps, out)
-    print(f"  faults, GradGuard()     : weights finite={finite}, train accuracy {acc:.1%}\n")
+    guard = GradGuard(sync=args.sync)
+    finite, acc, trainer = train(guard, args.steps, out, fused=fused)
+    label = "GradGuard()" if args.sync == "step" else 'GradGuard(sync="deferred")'
+    print(f"  faults, {label:16s}: weights finite={finite}, train accuracy {acc:.1%}\n")
 
     print(f"What the guard saw and did ({len(guard.events)} events):")
     for e in guard.events:

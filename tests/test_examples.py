@@ -28,6 +28,22 @@ def run(args: list[str], cwd: str, tmp_path, timeout: float = 300) -> subprocess
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_demo_the_main_job(tmp_path, sync):
+    done = run([os.path.join(EXAMPLES, "demo.py"), "--steps", "200", "--sync", sync], cwd=str(tmp_path),
+               tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "fault-free run          : weights finite=True" in out
+    assert "faults, no guard        : weights finite=False" in out  # the Inf batch poisons the weights
+    label = "GradGuard()" if sync == "step" else 'GradGuard(sync="deferred")'
+    assert f"faults, {label:16s}: weights finite=True" in out
+    assert "What the guard saw and did (2 events):" in out
+    assert "[exploding] step 80: grad norm of `net.2`" in out and "-> clip, alert" in out
+    assert "[nonfinite] step 160: non-finite gradients (NaN) in 3 layers" in out and "-> skip, alert" in out
+    assert "steps clipped: 1, steps skipped: 1" in out
+
+
 def test_add_to_existing_script(tmp_path):
     done = run([os.path.join(EXAMPLES, "add_to_existing_script.py"), "--max-epochs", "1", "--root", str(tmp_path)],
                cwd=str(tmp_path), tmp_path=tmp_path)
