@@ -93,7 +93,7 @@ class DeviceVerdict:
         return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
     def set(self, found_inf: Tensor | None = None, grad_scale: Tensor | None = None) -> None:
-        """Hand the next step these (float32 device scalars); ``None`` leaves that one unset."""
+        """Hand the next step these (float32 device scalars); ``None``: that one is not handed over."""
         for name, value in zip(self._NAMES, (found_inf, grad_scale)):
             if value is None:
                 self.optimizer.__dict__.pop(name, None)

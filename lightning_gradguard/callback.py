@@ -96,7 +96,7 @@ class _Watch:
     # and the steps watched for them (see GradGuard._check_resumed)
     missing_since_resume: set[int] | None = None
     steps_since_resume: int = 0
-    # sync="deferred": the device half of the last step, its host copy on the way (see GradGuard._launch);
+    # sync="deferred": the device half of the last step, its host copy on the way (see GradGuard._deferred_step);
     # the clip limit by series the host last derived, for the device's next decision; the optimizer's verdict
     in_flight: _InFlight | None = None
     limits: np.ndarray | None = None
@@ -229,11 +229,12 @@ class GradGuard(Callback):
             into the Trainer's log folder, or a file/folder path; ``None`` off.
         sync: when the host reads the step's statistics. ``"step"`` (default):
             once per step, before the optimizer step (one host sync: the GPU's
-            queue drains there). ``"deferred"``: never waits for the device.
-            The skip and the clip are decided on the device, against the limits
-            the host knew one step earlier, and handed to the optimizer's own
-            kernel (``found_inf``, ``grad_scale``); the host reads each step's
-            statistics one step later, when they are long on their way. Detection,
+            queue drains there). ``"deferred"``: no host sync; the host waits at
+            most for the copy of the step before, long complete by then. The
+            skip and the clip are decided on the device, against the limits the
+            host derived from the steps before, and handed to the optimizer's
+            own kernel (``found_inf``, ``grad_scale``); the host reads each
+            step's statistics one step later. Detection,
             events and logging are those of ``"step"`` (events keep their step),
             the other responses come one step late. Needs a fused optimizer
             (``torch.optim.AdamW(..., fused=True)``; also ``Adam``, ``SGD``,
@@ -708,7 +709,7 @@ class GradGuard(Callback):
 
         events = self._findings(watch, host, step)
         clip_coef = self._respond(trainer, pl_module, optimizer, watch, host, events, step, applied)
-        if applied is not None:
+        if self.sync == "deferred":  # a step read on the device or (a fallback) with one sync
             watch.limits = self._limits(watch)  # for the device's decision on the next step
         metrics = None
         if info.is_log_step or events:
@@ -1384,14 +1385,12 @@ class GradGuard(Callback):
                 # dropping it is enough. A second bad step in a row means damage: then roll back
                 # (and only then reduce the LR: a lone corrupted batch says nothing about the LR).
                 taken["skip"] = taken["lone"] = True
-        if applied is not None:
-            pass
-        elif "skip" in wanted or taken.get("rollback") or taken.get("skip"):
+        if applied is None and ("skip" in wanted or taken.get("rollback") or taken.get("skip")):
             self._skip(trainer, optimizer)
             watch.counts["skipped"] += 1
             watch.skip_streak += 1
             taken["skip"] = True
-        else:
+        elif applied is None:
             watch.skip_streak = 0
             if "clip" in wanted:
                 clip_coef = self._clip(optimizer, watch, host)
