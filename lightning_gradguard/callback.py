@@ -523,6 +523,10 @@ class GradGuard(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # a "raise" response (or any crash) still flushes metrics, summaries, pictures and records
         self._release_value_clipping(trainer)
+        try:
+            self._land_all(trainer, pl_module, quiet=True)  # sync="deferred": the step in flight is reported too
+        except Exception:  # noqa: BLE001 - the user's exception is the one that matters here
+            pass
         self._release_verdicts()
         self._late_error = None
         self._detach_loggers(trainer)
@@ -707,7 +711,7 @@ class GradGuard(Callback):
             host = np.concatenate([report, *extra]) if extra else report
         watch.counts["steps"] += 1
 
-        events = self._findings(watch, host, step)
+        events = self._findings(watch, host, step, weights_before=applied is None or applied[1])
         clip_coef = self._respond(trainer, pl_module, optimizer, watch, host, events, step, applied)
         if self.sync == "deferred":  # a step read on the device or (a fallback) with one sync
             watch.limits = self._limits(watch)  # for the device's decision on the next step
@@ -767,6 +771,8 @@ class GradGuard(Callback):
         losses, self._pending_losses = self._pending_losses, []
         try:
             launched = self._read_on_device(watch, optimizer, info.detail_step, info.param_step, losses, None)
+            if launched is not None:
+                decision = self._decide_on_device(trainer, watch, optimizer, launched[0])
         except BaseException:
             self._pending_losses = losses + self._pending_losses
             raise
@@ -774,7 +780,7 @@ class GradGuard(Callback):
             self._pending_losses = losses
             return
         read, layout = launched
-        packed = torch.cat([read.packed, self._decide_on_device(trainer, watch, optimizer, read)])
+        packed = torch.cat([read.packed, decision])
         ready = None
         if packed.device.type == "cuda":
             stream = torch.cuda.current_stream(packed.device)
@@ -818,6 +824,11 @@ class GradGuard(Callback):
         total = squares.sum().sqrt()
         device = total.device
         limits = watch.limits
+        if limits is not None and watch.detector.admits(watch.plan.host_present(read.positions)):
+            # a layer's first gradient (an unfreeze, an expert's first token): the global series restarts
+            # at this step, as with sync="step", and has no limit yet but max_norm
+            limits = limits.copy()
+            limits[0] = math.inf if self.config.max_norm is None else self.config.max_norm
         clipping = "clip" in self.on_exploding
         coef = None
         if limits is not None:
@@ -1137,7 +1148,10 @@ class GradGuard(Callback):
         last[flags] = step
         return new
 
-    def _findings(self, watch: _Watch, host: np.ndarray, step: int) -> list[GradEvent]:
+    def _findings(self, watch: _Watch, host: np.ndarray, step: int, weights_before: bool = True) -> list[GradEvent]:
+        """The step's events. ``weights_before``: the weights are still those the step's gradients were
+        computed with (not so under ``sync="deferred"`` once a non-finite step was applied: its own
+        update broke them, and the weights say nothing about an earlier one)."""
         if not watch.detector.flags:  # the usual step: nothing flagged anywhere (a host int, no numpy)
             watch.overflow_streak = 0
             return []
@@ -1168,7 +1182,7 @@ class GradGuard(Callback):
                 more = f" and {len(layers) - 5} more" if len(layers) > 5 else ""
                 text = (f"non-finite gradients ({what}) in {len(layers)} layer{'s' if len(layers) > 1 else ''}: "
                         f"{names}{more}; global norm {_f(norm[0])}")
-                broken = self._broken_weights(watch, layers)
+                broken = self._broken_weights(watch, layers) if weights_before else []
                 if broken:  # the gradients are the symptom: an earlier update broke the weights
                     text += (f"; the weights of {', '.join(_q(watch.series_name(i)) for i in broken[:5])} are "
                              f"non-finite already: an update before this step broke them (did the optimizer turn "
@@ -1413,7 +1427,7 @@ class GradGuard(Callback):
             if e.reason == "amp_overflow":
                 acts = [a for a in acts if a not in ("skip", "clip")]
             if taken.get("skip") and not taken.get("rollback") and "skip" not in acts and (
-                "rollback" in configured[e.kind] or applied is not None
+                "rollback" in configured[e.kind] or (applied is not None and e.kind != "vanishing")
             ):  # under "rollback": a lone bad step, or nothing to restore (see above); or skipped by the device
                 acts.insert(0, "skip")
             if "alert" in configured[e.kind] and self._alert_due(e, step):
@@ -1431,6 +1445,11 @@ class GradGuard(Callback):
             if "alert" in e.actions and trainer.is_global_zero:
                 log.warning("GradGuard: %s", e.message)
         stopping = next((e for e in events if "stop" in e.actions), None)
+        if stopping is None and taken.get("stop") and not trainer.should_stop:
+            # sync="deferred": the device skipped a run of steps the host flagged nothing in (against the
+            # limits it knew): max_consecutive_skips holds all the same
+            trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
+            log.warning("GradGuard stopped training: step %d: %s", step, taken["stop"])
         if stopping is not None and not trainer.should_stop:
             # gradients (or their reduced statistics) are identical on every rank here, so every
             # rank takes this same decision; agree anyway, as EarlyStopping does
@@ -1500,14 +1519,16 @@ class GradGuard(Callback):
     def _limits(self, watch: _Watch) -> np.ndarray | None:
         """``sync="deferred"``: the clip limit of each series for the device's decision on the next step,
         from the detector's state (the spike thresholds that step will be judged by), ``max_norm`` and the
-        growth anchors; ``inf`` where none is known yet. (The ``max_grad_weight_ratio`` bound is applied
+        growth anchors (for ``"clip"``); ``inf`` where none is known yet. (The ``max_grad_weight_ratio`` bound is applied
         on the device, with the step's own weight norm.) ``None`` where exploding is not clipped or skipped."""
         if "clip" not in self.on_exploding and "skip" not in self.on_exploding:
             return None
         limit = watch.detector.next_spike_at()
         if self.config.max_norm is not None:
             limit[0] = min(limit[0], self.config.max_norm)
-        if watch.anchor is not None:
+        if watch.anchor is not None and "clip" in self.on_exploding:
+            # a clip limit only, as with sync="step": for "skip" an anchor would drop every step of a growth
+            # (a skipped step leaves the weights, and so the norm above the anchor, as they were)
             limit = np.minimum(limit, watch.anchor)
         return np.where(np.isnan(limit), np.inf, limit)
 

@@ -494,6 +494,11 @@ class TrendDetector:
     ring = _series_property("ring")  # [growth_window, S] past fast levels (a list of rows in Python mode)
     seen = _series_property("seen")  # 1 once the series has had a gradient (was present) at some step
 
+    def admits(self, present: np.ndarray) -> bool:
+        """Would an update with these series present (a host bool array, index 0 the global) admit a
+        layer's first gradient, and so restart the global series (see :meth:`update`)?"""
+        return self._unseen and bool((present[1:] & (self.seen[1:] == 0)).any())
+
     def next_spike_at(self) -> np.ndarray:
         """Each series' spike threshold for the next update, from the state after the last one: the
         norm above which it would be flagged (``inf`` for a series with no observation yet)."""

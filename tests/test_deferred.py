@@ -3,6 +3,7 @@
 import csv
 import glob
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -367,10 +368,10 @@ def test_the_step_in_flight_is_read_before_a_param_group_joins():
 def test_a_step_that_fails_to_be_read_leaves_the_next_one_guarded(monkeypatch):
     original = GradGuard._findings
 
-    def flaky(self, watch, host, step):
+    def flaky(self, watch, host, step, **kwargs):
         if step == 19:
             raise RuntimeError("boom")
-        return original(self, watch, host, step)
+        return original(self, watch, host, step, **kwargs)
 
     monkeypatch.setattr(GradGuard, "_findings", flaky)
     guard, steps = GradGuard(sync="deferred"), WeightSteps()
@@ -453,3 +454,85 @@ def test_gradients_whose_float32_squares_overflow_are_skipped_as_non_finite():
     trainer(max_steps=16, callbacks=[guard]).fit(model, digits_loader())
     assert [(e.step, e.kind, e.reason, e.actions) for e in guard.events] == [(12, "nonfinite", "inf", ("skip", "alert"))]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Growing(FusedMLP):
+    """The loss, and so every gradient, grows x1.2 per step from step 30 (to x200): sustained growth."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * min(1.2 ** max(self.global_step - 30, 0), 200.0)
+
+
+def test_exploding_skip_does_not_drop_every_step_of_a_growth():
+    """The growth anchors are clip limits: with "skip" they would hold the norm above them forever."""
+    counts = {}
+    for sync in ("step", "deferred"):
+        guard = GradGuard(sync=sync, on_exploding=("skip", "alert"))
+        torch.manual_seed(0)
+        trainer(max_steps=200, callbacks=[guard]).fit(Growing({}, lr=1e-3), digits_loader(n=None))
+        counts[sync] = guard._watches[0].counts["skipped"]
+    assert counts["step"] < 20 and counts["deferred"] <= counts["step"] + 5  # not the 160 of the growth's steps
+
+
+def test_a_run_of_device_skips_the_host_flagged_nothing_in_still_stops():
+    """max_consecutive_skips without an event at those steps: the limits were the device's, not the host's."""
+    from lightning_gradguard.callback import GradGuard as Guard
+
+    guard = Guard(sync="deferred", on_exploding=("skip", "alert"), max_consecutive_skips=3)
+    original = Guard._limits
+
+    def tight(self, watch):  # limits far below every norm: the device skips, the detector flags nothing
+        limits = original(self, watch)
+        return None if limits is None else np.full_like(limits, 1e-9)
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Guard, "_limits", tight)
+        t = trainer(max_steps=30, callbacks=[guard])
+        t.fit(FusedMLP({}), digits_loader())
+    # the third skip, read in step 3's hook, stops the run after step 3 (skipped too, read at the end)
+    assert t.global_step == 4 and guard._watches[0].counts["skipped"] == 4 and guard.events == []
+
+
+def test_a_layer_unfrozen_mid_run_is_not_clipped_against_the_old_global_limit(tmp_path):
+    class Unfreezing(FusedMLP):
+        def on_train_start(self):
+            self.net[0].requires_grad_(False)
+
+        def on_train_batch_start(self, batch, batch_idx):
+            if self.global_step == 20:
+                self.net[0].requires_grad_(True)
+
+        def on_after_backward(self):
+            if self.global_step >= 20:
+                self.net[0].weight.grad *= 30  # a layer with large gradients joins: the global norm jumps
+
+    guard = GradGuard(sync="deferred", log_every_n_steps=1)
+    trainer(max_steps=22, callbacks=[guard], logger=CSVLogger(tmp_path), log_every_n_steps=1).fit(
+        Unfreezing({}), digits_loader())
+    row = rows(tmp_path)[20]
+    assert float(row["grad/norm_total"]) > 10 * float(rows(tmp_path)[19]["grad/norm_total"])
+    assert float(row["grad/clip_coef"]) == 1.0 and guard.events == []  # as with sync="step": a newcomer
+
+
+def test_a_nan_applied_without_skip_is_not_blamed_on_an_earlier_update():
+    """Without "skip" the NaN step is applied; when the host reads it, the weights hold NaN from that very
+    update: reported as the non-finite gradients it was, not as weights broken before."""
+    guard = GradGuard(sync="deferred", on_nonfinite="log")
+    trainer(max_steps=8, callbacks=[guard]).fit(FusedMLP({5: "nan_layer"}), digits_loader())
+    assert (guard.events[0].step, guard.events[0].reason) == (5, "nan")
+
+
+def test_a_crash_still_reports_the_step_in_flight():
+    class Crashing(FusedMLP):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 10:
+                raise ValueError("a data error")
+            return super().training_step(batch, batch_idx)
+
+    guard = GradGuard(sync="deferred")
+    with pytest.raises(ValueError, match="a data error"):
+        trainer(max_steps=20, callbacks=[guard]).fit(Crashing({9: "nan_layer"}), digits_loader())
+    assert [(e.step, e.reason, e.actions) for e in guard.events] == [(9, "nan", ("skip", "alert"))]
+    assert guard.summary()["steps"] == 10
