@@ -36,7 +36,8 @@ written section by section, so a run cut short still leaves what it measured):
 
 Usage (on the GPU machine, from the repository root)::
 
-    python benchmarks/gpu_check.py                 # all three: 451 s on an H200 cut it inside the last group
+    python benchmarks/gpu_check.py                 # all four: over 10 min (a, b, c took 451 s on an H200 and
+                                                   # were cut inside (a)'s last group): run them apart
     python benchmarks/gpu_check.py --skip-bench    # only (b), (c) and (d)'s sync count, ~1 min
     python benchmarks/gpu_check.py --only d        # sync="deferred": syncs, then GPT and ResNet-50 (~5 min?)
     python benchmarks/gpu_check.py --out-dir /some/dir --alternate-steps 150
