@@ -474,23 +474,18 @@ def test_exploding_skip_does_not_drop_every_step_of_a_growth():
     assert counts["step"] < 20 and counts["deferred"] <= counts["step"] + 5  # not the 160 of the growth's steps
 
 
-def test_a_run_of_device_skips_the_host_flagged_nothing_in_still_stops():
+def test_a_run_of_device_skips_the_host_flagged_nothing_in_still_stops(monkeypatch):
     """max_consecutive_skips without an event at those steps: the limits were the device's, not the host's."""
-    from lightning_gradguard.callback import GradGuard as Guard
-
-    guard = Guard(sync="deferred", on_exploding=("skip", "alert"), max_consecutive_skips=3)
-    original = Guard._limits
+    original = GradGuard._limits
 
     def tight(self, watch):  # limits far below every norm: the device skips, the detector flags nothing
         limits = original(self, watch)
         return None if limits is None else np.full_like(limits, 1e-9)
 
-    import pytest as _pytest
-
-    with _pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Guard, "_limits", tight)
-        t = trainer(max_steps=30, callbacks=[guard])
-        t.fit(FusedMLP({}), digits_loader())
+    monkeypatch.setattr(GradGuard, "_limits", tight)
+    guard = GradGuard(sync="deferred", on_exploding=("skip", "alert"), max_consecutive_skips=3)
+    t = trainer(max_steps=30, callbacks=[guard])
+    t.fit(FusedMLP({}), digits_loader())
     # the third skip, read in step 3's hook, stops the run after step 3 (skipped too, read at the end)
     assert t.global_step == 4 and guard._watches[0].counts["skipped"] == 4 and guard.events == []
 
