@@ -662,6 +662,11 @@ class GradGuard(Callback):
         if self.sync == "deferred":
             self._deferred_step(trainer, pl_module, optimizer, watch)
             return
+        self._one_sync_step(trainer, pl_module, optimizer, watch)
+
+    def _one_sync_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
+                       watch: _Watch) -> None:
+        """Read the step with one host sync, then analyse it and respond."""
         info = self._step_info(trainer, watch)
         series = self._read(watch, optimizer, info.detail_step, info.param_step)
         if series is not None:
@@ -756,10 +761,7 @@ class GradGuard(Callback):
                 self._reported_errors.add(("sync", id(optimizer), why))
                 log.info("GradGuard: optimizer %d (%s) %s: sync='deferred' reads that step with one host sync",
                          watch.index, type(optimizer).__name__, why)
-            info = self._step_info(trainer, watch)
-            series = self._read(watch, optimizer, info.detail_step, info.param_step)
-            if series is not None:
-                self._analyse(trainer, pl_module, optimizer, watch, info, series)
+            self._one_sync_step(trainer, pl_module, optimizer, watch)
             return
         if watch.verdict is None or watch.verdict.optimizer is not optimizer:
             if watch.verdict is not None:
@@ -1502,39 +1504,35 @@ class GradGuard(Callback):
         self._last_alert[key] = step
         return True
 
-    def _clip_limit(self, watch: _Watch, host: np.ndarray) -> np.ndarray:
-        """The adaptive threshold of each series: its spike threshold, under ``max_norm`` (global), the
-        growth anchors and, for the global norm, ``max_grad_weight_ratio`` x the weight norm."""
-        norm, limit = host[Row.NORM], host[Row.SPIKE_AT].copy()
+    def _capped(self, watch: _Watch, limit: np.ndarray, anchors: bool = True) -> np.ndarray:
+        """Spike thresholds by series (index 0 global) under ``max_norm`` (global) and, with ``anchors``,
+        the growth anchors: the clip limits of both sync modes."""
         if self.config.max_norm is not None:
             limit[0] = min(limit[0], self.config.max_norm)
-        if watch.anchor is not None:
+        if anchors and watch.anchor is not None:
             limit = np.minimum(limit, watch.anchor)
-        ratio = host[Row.GRAD_WEIGHT, 0]
-        if self.config.max_grad_weight_ratio is not None and np.isfinite(ratio) and ratio > 0:
-            # no history yet (first steps): bound the gradient by the weights' own scale
-            limit[0] = min(limit[0], self.config.max_grad_weight_ratio * norm[0] / ratio)
         return limit
 
     def _limits(self, watch: _Watch) -> np.ndarray | None:
         """``sync="deferred"``: the clip limit of each series for the device's decision on the next step,
         from the detector's state (the spike thresholds that step will be judged by), ``max_norm`` and the
-        growth anchors (for ``"clip"``); ``inf`` where none is known yet. (The ``max_grad_weight_ratio`` bound is applied
-        on the device, with the step's own weight norm.) ``None`` where exploding is not clipped or skipped."""
+        growth anchors (for ``"clip"``); ``inf`` where none is known yet. (The ``max_grad_weight_ratio``
+        bound is applied on the device, with the step's own weight norm.) ``None`` where exploding is not
+        clipped or skipped."""
         if "clip" not in self.on_exploding and "skip" not in self.on_exploding:
             return None
-        limit = watch.detector.next_spike_at()
-        if self.config.max_norm is not None:
-            limit[0] = min(limit[0], self.config.max_norm)
-        if watch.anchor is not None and "clip" in self.on_exploding:
-            # a clip limit only, as with sync="step": for "skip" an anchor would drop every step of a growth
-            # (a skipped step leaves the weights, and so the norm above the anchor, as they were)
-            limit = np.minimum(limit, watch.anchor)
+        # anchors are clip limits only, as with sync="step": for "skip" one would drop every step of a growth
+        # (a skipped step leaves the weights, and so the norm above the anchor, as they were)
+        limit = self._capped(watch, watch.detector.next_spike_at(), anchors="clip" in self.on_exploding)
         return np.where(np.isnan(limit), np.inf, limit)
 
     def _clip(self, optimizer, watch: _Watch, host: np.ndarray) -> float:
         """Clip to the adaptive threshold: globally if the global norm is over it, else the flagged layers."""
-        norm, limit = host[Row.NORM], self._clip_limit(watch, host)
+        norm, limit = host[Row.NORM], self._capped(watch, host[Row.SPIKE_AT].copy())
+        ratio = host[Row.GRAD_WEIGHT, 0]
+        if self.config.max_grad_weight_ratio is not None and np.isfinite(ratio) and ratio > 0:
+            # no history yet (first steps): bound the gradient by the weights' own scale
+            limit[0] = min(limit[0], self.config.max_grad_weight_ratio * norm[0] / ratio)
         over = np.isfinite(norm) & (norm > limit)
         if over[0]:
             coef = float(limit[0] / norm[0])
