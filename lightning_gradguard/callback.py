@@ -254,7 +254,8 @@ class GradGuard(Callback):
     - ``grad/nonfinite_layers``: layers holding NaN/Inf this step.
     - ``grad/events/<kind>``: events so far, per kind.
     - ``grad/clip_coef``, ``grad/norm_clipped``: coefficient applied this step
-      and the global norm after clipping (``"clip"`` configured).
+      (the smallest factor any gradient was multiplied by) and the global norm
+      after clipping (``"clip"`` configured).
     - ``grad/clipped_steps``, ``grad/skipped_steps``: steps so far.
     - ``grad/lr_scale``, ``grad/lr``: the guard's LR multiplier and the
       effective LR of the first param group (``"reduce_lr"`` configured).
@@ -717,13 +718,14 @@ class GradGuard(Callback):
         watch.counts["steps"] += 1
 
         events = self._findings(watch, host, step, weights_before=applied is None or applied[1])
-        clip_coef = self._respond(trainer, pl_module, optimizer, watch, host, events, step, applied)
+        clip_coef, norm_clipped = self._respond(trainer, pl_module, optimizer, watch, host, events, step, applied)
         if self.sync == "deferred":  # a step read on the device or (a fallback) with one sync
             watch.limits = self._limits(watch)  # for the device's decision on the next step
         metrics = None
         if info.is_log_step or events:
             metrics = self._log(trainer, watch, host, series["present"], info.detail_step,
-                                info.param_step and bool(trainer.loggers), clip_coef, info.log_step, flight)
+                                info.param_step and bool(trainer.loggers), clip_coef, norm_clipped, info.log_step,
+                                flight)
         if self._active_sinks:
             self._sink_step(trainer, watch, step, info.log_step,
                             host[Row.NORM] if host is not None else report[Row.NORM], metrics)
@@ -1354,8 +1356,9 @@ class GradGuard(Callback):
 
     # ------------------------------------------------------------------ events -> actions
     def _respond(self, trainer, pl_module, optimizer, watch: _Watch, host, events: list[GradEvent], step: int,
-                 applied: tuple[float, bool] | None = None) -> float:
-        """Apply the configured responses; fill each event's ``actions``; return the clip coefficient applied.
+                 applied: tuple[float, bool] | None = None) -> tuple[float, float | None]:
+        """Apply the configured responses; fill each event's ``actions``; return the clip coefficient applied
+        and the global norm after clipping where it is not the norm times that coefficient (see _clip).
         ``applied`` (``sync="deferred"``): the clip coefficient and skip the device already applied to
         the step; the other responses act now, on the step in progress."""
         flags = watch.detector.flags  # every series' code bits or-ed together
@@ -1365,7 +1368,7 @@ class GradGuard(Callback):
         anchored = False
         if watch.anchor is not None or flags & Code.GROWTH:
             anchored = self._update_anchor(watch, host[Row.CODE].astype(np.int64), host, step)
-        clip_coef, skipped = 1.0, False
+        clip_coef, skipped, norm_clipped = 1.0, False, None
         clipping = "clip" in self.on_exploding and (exploding_now or anchored)
         if applied is not None:
             clip_coef, skipped = applied
@@ -1373,7 +1376,7 @@ class GradGuard(Callback):
         if not events and not clipping and not skipped:
             watch.skip_streak = 0
             self._healthy_step(pl_module, optimizer, watch, step)
-            return clip_coef
+            return clip_coef, norm_clipped
         configured = {"nonfinite": self.on_nonfinite, "exploding": self.on_exploding, "vanishing": self.on_vanishing}
         wanted = {name for e in events for name in configured[e.kind]}
         if clipping:
@@ -1409,7 +1412,7 @@ class GradGuard(Callback):
         elif applied is None:
             watch.skip_streak = 0
             if "clip" in wanted:
-                clip_coef = self._clip(optimizer, watch, host)
+                clip_coef, norm_clipped = self._clip(optimizer, watch, host)
                 taken["clip"] = clip_coef < 1.0
         if "reduce_lr" in wanted and watch.lr_scale is not None and events and not taken.get("lone"):
             taken["reduce_lr"] = self._reduce_lr(watch, step, rolled_back=bool(taken.get("rollback")))
@@ -1457,7 +1460,7 @@ class GradGuard(Callback):
             # rank takes this same decision; agree anyway, as EarlyStopping does
             trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
             log.warning("GradGuard stopped training: %s", stopping.message)
-        return clip_coef
+        return clip_coef, norm_clipped
 
     def _skip(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         """Drop the step (every gradient ``None``). Lightning clips after this hook, and torch's
@@ -1526,8 +1529,10 @@ class GradGuard(Callback):
         limit = self._capped(watch, watch.detector.next_spike_at(), anchors="clip" in self.on_exploding)
         return np.where(np.isnan(limit), np.inf, limit)
 
-    def _clip(self, optimizer, watch: _Watch, host: np.ndarray) -> float:
-        """Clip to the adaptive threshold: globally if the global norm is over it, else the flagged layers."""
+    def _clip(self, optimizer, watch: _Watch, host: np.ndarray) -> tuple[float, float | None]:
+        """Clip to the adaptive threshold: globally if the global norm is over it, else the flagged layers.
+        Returns the smallest factor any gradient was multiplied by (1.0: none) and, where layers alone were
+        clipped, the global norm after the clip (else ``None``: the norm times that factor)."""
         norm, limit = host[Row.NORM], self._capped(watch, host[Row.SPIKE_AT].copy())
         ratio = host[Row.GRAD_WEIGHT, 0]
         if self.config.max_grad_weight_ratio is not None and np.isfinite(ratio) and ratio > 0:
@@ -1539,15 +1544,18 @@ class GradGuard(Callback):
             # the coefficient is a host float we already hold: no further sync
             clip_(watch.plan.params, torch.tensor(coef))
             watch.counts["clipped"] += 1
-            return coef
+            return coef, None
         layers = np.flatnonzero(over[1:])
+        if not len(layers):
+            return 1.0, None
+        factor = np.ones(len(norm) - 1)
+        factor[layers] = limit[1:][layers] / norm[1:][layers]
         for j in layers:
             params = [p for p, l in zip(watch.plan.params, watch.plan.layer_of_param) if l == j]
-            clip_(params, torch.tensor(float(limit[j + 1] / norm[j + 1])))
-        if len(layers):
-            watch.counts["clipped"] += 1
-            return float(np.min(limit[1:][layers] / norm[1:][layers]))
-        return 1.0
+            clip_(params, torch.tensor(float(factor[j])))
+        watch.counts["clipped"] += 1
+        # host floats we already hold (no sync); the layers partition the gradients
+        return float(factor[layers].min()), float(np.sqrt(np.sum(np.square(norm[1:] * factor))))
 
     def _reduce_lr(self, watch: _Watch, step: int, rolled_back: bool = False) -> bool:
         """Multiply the LR scale by ``lr_factor`` (cooldown, floor). Right after a rollback there is
@@ -1618,8 +1626,8 @@ class GradGuard(Callback):
             watch.keys[("layers", kind)] = keys
         return keys
 
-    def _log(self, trainer, watch: _Watch, host, present, detail_step, param_step, clip_coef, log_step,
-             flight: _InFlight | None = None) -> dict[str, float]:
+    def _log(self, trainer, watch: _Watch, host, present, detail_step, param_step, clip_coef, norm_clipped,
+             log_step, flight: _InFlight | None = None) -> dict[str, float]:
         k = lambda name: self._key(watch, name)  # noqa: E731
         norm = host[Row.NORM].tolist()  # numpy, on the host already: no sync
         nonfinite = 0.0
@@ -1630,7 +1638,7 @@ class GradGuard(Callback):
             metrics[k(f"events/{kind}")] = float(n)
         if "clip" in self.on_exploding:
             metrics[k("clip_coef")] = clip_coef
-            metrics[k("norm_clipped")] = norm[0] * clip_coef
+            metrics[k("norm_clipped")] = norm[0] * clip_coef if norm_clipped is None else norm_clipped
             metrics[k("clipped_steps")] = float(watch.counts["clipped"])
         if "skip" in self.on_nonfinite + self.on_exploding:
             metrics[k("skipped_steps")] = float(watch.counts["skipped"])

@@ -92,18 +92,24 @@ def test_the_same_norms_events_and_thresholds_as_one_sync_per_step(tmp_path):
 
 
 def test_a_layer_over_its_limit_scales_the_whole_step_down_to_it(tmp_path):
-    coefs, events = {}, {}
+    coefs, events, clipped, after = {}, {}, {}, {}
     for sync in ("step", "deferred"):
-        guard = GradGuard(sync=sync, log_every_n_steps=1)
+        guard, after[sync] = GradGuard(sync=sync, log_every_n_steps=1), NormRecorder()
         torch.manual_seed(0)
         model = FusedMLP({20: "layer_spike"}, optimizer="sgd", lr=0.05)
-        trainer(max_steps=22, callbacks=[guard], logger=CSVLogger(tmp_path / sync), log_every_n_steps=1).fit(
-            model, digits_loader())
-        coefs[sync] = float(rows(tmp_path / sync)[20]["grad/clip_coef"])
+        trainer(max_steps=22, callbacks=[guard, after[sync]], logger=CSVLogger(tmp_path / sync),
+                log_every_n_steps=1).fit(model, digits_loader())
+        row = rows(tmp_path / sync)[20]
+        coefs[sync], clipped[sync] = float(row["grad/clip_coef"]), float(row["grad/norm_clipped"])
         events[sync] = [(e.step, e.reason, e.layer) for e in guard.events]
     assert events["deferred"] == events["step"] == [(20, "spike", "net.2")]  # the global norm is not flagged
     # one sync per step clips `net.2` alone; the device scales every gradient by the same factor
     assert coefs["deferred"] == pytest.approx(coefs["step"], rel=1e-5) and coefs["step"] < 0.9
+    # grad/norm_clipped is the global norm after the clip: with `net.2` alone scaled, not the norm x its factor
+    norm = after["deferred"].total[20]  # the device clips inside the optimizer: the gradients are as they were
+    assert clipped["deferred"] == pytest.approx(norm * coefs["deferred"], rel=1e-5)
+    assert clipped["step"] == pytest.approx(after["step"].total[20], rel=1e-5)
+    assert clipped["step"] > clipped["deferred"] * 1.01
 
 
 def test_the_clip_is_applied_inside_the_optimizer_at_the_spike_step(tmp_path):
