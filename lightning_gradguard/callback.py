@@ -837,7 +837,9 @@ class GradGuard(Callback):
         coef = None
         if limits is not None:
             limit = float(limits[0])  # a host float: a kernel argument
-            limit_t = torch.full((), limit, device=device) if math.isfinite(limit) else None
+            # float32 whatever torch's default dtype (the fused kernels take no other), so at most its max
+            limit_t = torch.full((), min(limit, _F32_MAX), dtype=torch.float32, device=device) if math.isfinite(
+                limit) else None
             if self.config.max_grad_weight_ratio is not None and "weight" in read.names:
                 # no history needed (the first steps, a bad init): the weights' own scale, read with this step
                 k = read.names.index("weight")
@@ -877,7 +879,10 @@ class GradGuard(Callback):
         """The host half of the step in flight: its statistics, read one step late (see :meth:`_deferred_step`)."""
         flight, watch.in_flight = watch.in_flight, None
         if flight.ready is not None:
-            flight.ready.synchronize()  # recorded a step ago and long complete: no wait, the queue stays full
+            # recorded a step ago: complete, unless the host runs more than a step ahead of the device; then
+            # this wait is what bounds it, and the device still has this step's work queued (torch does not
+            # count an event's synchronize as a sync in set_sync_debug_mode)
+            flight.ready.synchronize()
         # host memory already (the pinned copy, or a CPU device): no sync. Another accelerator's (MPS) is
         # copied here: a sync, but a step late, when the device has long finished that step
         copy = flight.host.cpu()
@@ -1114,7 +1119,7 @@ class GradGuard(Callback):
         # a tensor lr (capturable optimizers) stays on the device
         per_group = torch.stack([
             g["lr"].to(device, torch.float32).reshape(()) * scale if isinstance(g["lr"], Tensor)
-            else torch.full((), float(g["lr"]) * scale, device=device)
+            else torch.full((), float(g["lr"]) * scale, dtype=torch.float32, device=device)
             for g in optimizer.param_groups
         ])
         return per_group[watch.group_index]
@@ -1877,6 +1882,7 @@ def _host_series(plan: LayerPlan, sums: LayerSums, flat: np.ndarray) -> dict[str
     return out
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
 _SMALL = 112  # up to this many layers, host work on them is cheaper in Python floats than in numpy (see detectors)
 
 

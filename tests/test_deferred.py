@@ -337,6 +337,30 @@ def test_the_first_steps_are_clipped_before_anything_was_read_back():
     assert guard._watches[0].counts["clipped"] == 3
 
 
+@pytest.fixture
+def float64_default():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def test_the_verdict_is_float32_under_a_float64_default_dtype_and_a_huge_max_norm(float64_default, tmp_path):
+    """The fused kernels take float32 ``found_inf`` / ``grad_scale`` only: a limit tensor built in torch's
+    default dtype (float64 here, a float32 model) failed the optimizer step itself, a crash; and a finite
+    limit beyond float32's range (``max_norm=1e39``, the limit of the first steps) failed the guard's step."""
+    guard, steps = GradGuard(sync="deferred", max_norm=1e39, log_every_n_steps=1), WeightSteps()
+    model = FusedMLP({20: "spike"}, optimizer="sgd", lr=0.05).float()
+    trainer(max_steps=22, callbacks=[guard, steps], logger=CSVLogger(tmp_path), log_every_n_steps=1).fit(
+        model, digits_loader())
+    assert guard.internal_errors == 0
+    (event,) = guard.events
+    assert (event.step, event.reason, event.actions) == (20, "spike", ("clip", "alert"))
+    row = rows(tmp_path)[20]
+    coef, norm = float(row["grad/clip_coef"]), float(row["grad/norm_total"])
+    assert coef < 0.5  # the clip acted in the kernel: plain SGD moved the weights by lr x the clipped norm
+    assert steps.step_norm[20] == pytest.approx(0.05 * norm * coef, rel=1e-3)
+
+
 def test_a_resumed_run_clips_its_first_step_with_the_restored_thresholds(tmp_path):
     class Times100(FusedMLP):
         def on_after_backward(self):
