@@ -290,9 +290,11 @@ def check_syncs(args, report: Report, deferred: bool = False) -> None:
                 delta = "–" if base is None else f"{mean - base:+.1f}"
                 lines.append(f"| {model_name} | {log_every} | {variant} | {r['per_step']} | {delta} | {guard_lines:g} | {top} |")
                 if variant == "gradguard_deferred":
-                    ok = guard_lines == 0
-                    verdicts.append(f"- {model_name}/{variant}, log_every_n_steps={log_every}: {mean - base:+.1f} syncs "
-                                    f"vs none, {guard_lines:g} from guard code -> {'OK (none)' if ok else 'NOT SYNC-FREE'}")
+                    # both: a sync inside a torch Python wrapper the guard calls is attributed to torch's line
+                    ok = guard_lines == 0 and (base is None or mean - base <= 0)
+                    vs = "no baseline" if base is None else f"{mean - base:+.1f} syncs vs none"
+                    verdicts.append(f"- {model_name}/{variant}, log_every_n_steps={log_every}: {vs}, "
+                                    f"{guard_lines:g} from guard code -> {'OK (none)' if ok else 'NOT SYNC-FREE'}")
                 elif variant.startswith("gradguard") and log_every == 1000 and base is not None:
                     ok = mean - base <= 1 and guard_lines <= 1
                     verdicts.append(f"- {model_name}/{variant}, non-logging steps: {mean - base:+.1f} syncs vs none, "
@@ -302,12 +304,26 @@ def check_syncs(args, report: Report, deferred: bool = False) -> None:
 
 # ---------------------------------------------------------------- (d) sync="deferred"
 def check_deferred(args, report: Report) -> None:
-    check_syncs(args, report, deferred=True)
+    try:
+        check_syncs(args, report, deferred=True)
+    except Exception as exc:  # the timings below are still worth their minutes
+        traceback.print_exc()
+        report.add(f"## (d) Host syncs per optimizer step with sync='deferred'\n\nfailed: {type(exc).__name__}: {exc}")
+    try:
+        import wandb  # noqa: F401
+        logger = "wandb"
+    except ImportError:  # not on every GPU image: the runs still compare the variants, with a CSV logger
+        logger = "csv"
+        report.add("(d): wandb does not import here; the overhead runs below use `--logger csv`.")
     for model, batch in DEFERRED_GROUPS[args.accelerator]:
         out = args.out_dir / f"overhead-{_card_slug(args.accelerator)}-deferred-{model}-b{batch}"
+        # Lightning's default logging cadence (50): at log_every_n_steps=1 Lightning's own `.item()` of the
+        # logged loss syncs every step, for every variant alike, and the host can never run ahead of the GPU,
+        # which is what sync="deferred" is for. Block timing: the timer syncs at block boundaries only
         argv = ["--device", args.accelerator, "--models", model, "--batch-size", f"{model}={batch}", "--fused",
                 "--no-separate", "--variants", DEFERRED_VARIANTS, "--warmup", str(args.warmup),
-                "--alternate-steps", str(args.alternate_steps), "--out", str(out)]
+                "--alternate-steps", str(args.alternate_steps), "--out", str(out), "--logger", logger,
+                "--log-every-n-steps", "50", "--block-timing"]
         ran = _run_overhead(report, argv, f"(d) sync='deferred', {model} batch {batch}")
         if ran is None:
             continue

@@ -48,6 +48,11 @@ How it measures
   to trust for differences of a few percent; the separate runs are kept for
   the variants that cannot be switched per step (``grad_norm`` lives in the
   LightningModule, ``wandb.watch`` in parameter hooks, ``clip`` in the Trainer).
+  On CUDA the timer synchronizes the device at every step's start and end, so
+  the host can never run ahead of the GPU; ``--block-timing`` synchronizes
+  only at block boundaries instead and gives every step its block's mean
+  time: a GPU's queue then runs ahead as in real training, which is where a
+  per-step host sync costs most (and what ``sync="deferred"`` is for).
 * Data are synthetic (generated once per model, a small pool of batches
   cycled by the DataLoader); nothing is downloaded.
 * wandb runs offline (``WANDB_MODE=offline``) into a temporary folder that is
@@ -173,8 +178,13 @@ class StepTimer(Callback):
     """Records per-step wall times (and the process's CPU time per step). Must be the first
     callback in the Trainer's list; its companion :class:`StepTimerEnd` must be the last one."""
 
-    def __init__(self, warmup: int, cuda: bool, budget_s: float | None, min_steps: int) -> None:
+    def __init__(self, warmup: int, cuda: bool, budget_s: float | None, min_steps: int,
+                 sync_every: int | None = None) -> None:
         self.warmup, self.cuda, self.budget_s, self.min_steps = warmup, cuda, budget_s, min_steps
+        # None: the device is synchronized at every step's start and end; N: only at the start of every
+        # N-th step (block timing: read block times from ``starts``, not per-step times)
+        self.sync_every = sync_every
+        self.starts: list[float] = []  # every step's on_train_batch_start time
         self.periods: list[float] = []  # on_train_batch_start -> next on_train_batch_start
         self.windows: list[float] = []  # on_train_batch_start -> on_train_batch_end
         self.cpu_periods: list[float] = []  # process CPU time, start -> next start
@@ -183,13 +193,14 @@ class StepTimer(Callback):
         self._measure_t0: float | None = None
         self.stopped_early = False
 
-    def _now(self) -> float:
-        if self.cuda:
+    def _now(self, sync: bool = True) -> float:
+        if self.cuda and sync:
             torch.cuda.synchronize()
         return time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        t = self._now()
+        t = self._now(self.sync_every is None or len(self.starts) % self.sync_every == 0)
+        self.starts.append(t)
         c = time.process_time()
         if self._start is not None:
             self.periods.append(t - self._start)
@@ -199,7 +210,7 @@ class StepTimer(Callback):
             self._measure_t0 = t
 
     def mark_end(self, trainer) -> None:
-        t = self._now()
+        t = self._now(self.sync_every is None)
         self.windows.append(t - self._start)
         measured = len(self.windows) - self.warmup - 1  # the last window's period would need one more step
         if (self.budget_s and self._measure_t0 is not None and measured >= self.min_steps
@@ -456,7 +467,7 @@ def run_alternating(model_name: str, variant: str, pool: list, args) -> dict:
     spec = build_model(model_name, **args.model_kwargs.get(model_name, {}))
     module = BenchModule(spec.net, spec.loss_fn, LEARNING_RATES.get(model_name, 1e-3), args.fused)
     warmup, steps = args.warmup + args.alternate * 2, args.alternate_steps
-    timer = StepTimer(warmup, args.device == "cuda", None, 0)
+    timer = StepTimer(warmup, args.device == "cuda", None, 0, args.alternate if args.block_timing else None)
     alternating = Alternating(alternating_callbacks(variant), args.alternate)
     save_dir = tempfile.mkdtemp(prefix=f"{model_name}-{variant}-alt-", dir=_WANDB_TMP)
     logger = make_logger(args.logger, save_dir, f"{model_name}-{variant}-alternating")
@@ -473,7 +484,15 @@ def run_alternating(model_name: str, variant: str, pool: list, args) -> dict:
         if args.logger == "wandb" and logger._experiment is not None:
             logger.experiment.finish()
     periods, _, cpu = timer.measured()
+    first = warmup
     flags = alternating.step_flags[warmup : warmup + len(periods)]
+    if args.block_timing:  # synced only at block starts: each step gets its block's mean time
+        size, starts = args.alternate, timer.starts
+        first = -(-warmup // size) * size
+        periods = []
+        for s in range(first, len(starts) - size, size):
+            periods += [(starts[s + size] - starts[s]) * 1e3 / size] * size
+        flags = alternating.step_flags[first : first + len(periods)]
     # blocks: consecutive steps with the same flag; ratio of each (off, on) pair of neighbouring blocks
     blocks: list[tuple[bool, list[float]]] = []
     for flag, ms in zip(flags, periods):
@@ -484,7 +503,7 @@ def run_alternating(model_name: str, variant: str, pool: list, args) -> dict:
              if not a[0] and b[0] and len(a[1]) == len(b[1]) == args.alternate]
     on = [ms for flag, ms in zip(flags, periods) if flag]
     off = [ms for flag, ms in zip(flags, periods) if not flag]
-    in_hooks = [ms for flag, ms in zip(flags, alternating.hook_ms[warmup : warmup + len(periods)]) if flag]
+    in_hooks = [ms for flag, ms in zip(flags, alternating.hook_ms[first : first + len(periods)]) if flag]
     del trainer, module, spec, logger
     gc.collect()
     if not pairs:
@@ -617,7 +636,9 @@ def render_markdown(meta: dict, table: list[dict], comparisons: list[dict], alte
             "neighbouring (off, on) block pairs of median on-step / median off-step time; +ms likewise. in-hook ms = "
             "median over the on-steps of the time spent inside the callback's own per-step hooks (its direct cost, "
             "steadier than a difference of step times; it misses what the callback does to the caches of the work "
-            "around it).", "",
+            "around it)." + (" Block timing (`--block-timing`): the device is synchronized only at block "
+                             "boundaries and each step counts as its block's mean time, so the GPU queue runs ahead "
+                             "as in real training." if meta.get("block_timing") else ""), "",
             "| model | variant | ratio (on / off) | +ms/step | ratio IQR over pairs | in-hook ms | median on ms | median off ms | block pairs |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
@@ -768,6 +789,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "then go unmeasured)")
     p.add_argument("--batch-size", action="append", default=[], metavar="MODEL=N",
                    help="a model's batch size instead of its default (models.py), e.g. gpt=16; repeatable")
+    p.add_argument("--block-timing", action="store_true",
+                   help="alternating runs on CUDA: synchronize the device at block boundaries only, each step "
+                        "counted as its block's mean time (the GPU queue runs ahead as in real training)")
     p.add_argument("--fused", action="store_true",
                    help="every variant trains with AdamW(fused=True) (needed by the gradguard_deferred variant)")
     p.add_argument("--quick", action="store_true", help="smoke test: mlp+few_tensors, 2+5 steps, 1 repeat (<1 min)")
@@ -928,7 +952,7 @@ def main(argv: list[str] | None = None) -> dict:
         "argv": sys.argv[1:] if argv is None else list(argv),
         "wall_s": round(time.perf_counter() - t_start, 1), "notes": notes,
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-        "alternate": args.alternate, "alternate_steps": args.alternate_steps,
+        "alternate": args.alternate, "alternate_steps": args.alternate_steps, "block_timing": args.block_timing,
         "batch_sizes": {m: kw["batch_size"] for m, kw in args.model_kwargs.items()},
     }
     md = render_markdown(meta, table, comparisons, alternating, alt_comparisons)

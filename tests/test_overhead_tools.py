@@ -161,3 +161,32 @@ def test_gpu_check_deferred_section_runs_on_a_cpu(tmp_path, monkeypatch):
     assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| gradguard") or
             line.startswith("| norm_pass")] == ["| gradguard", "| gradguard_deferred", "| norm_pass"]
     assert "optimizer AdamW (fused=True)" in (tmp_path / "overhead-cpu-smoke-deferred-few_tensors-b8.md").read_text()
+
+
+def test_block_timing_syncs_the_device_at_block_starts_only_and_times_whole_blocks(tmp_path, monkeypatch):
+    """``--block-timing``: a GPU's queue may run ahead within a block; each step counts as its block's mean."""
+    import torch
+
+    import overhead
+
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(len(timer.starts)))
+    timer = overhead.StepTimer(0, True, None, 0, sync_every=3)  # cuda=True: the device synchronized by the timer
+    for _ in range(9):
+        timer.on_train_batch_start(None, None, None, 0)
+        timer.mark_end(None)
+    assert syncs == [0, 3, 6]  # before the start of steps 0, 3 and 6 only; never at a step's end
+    syncs.clear()
+    timer = overhead.StepTimer(0, True, None, 0)
+    for _ in range(2):
+        timer.on_train_batch_start(None, None, None, 0)
+        timer.mark_end(None)
+    assert syncs == [0, 1, 1, 2]  # without it: at every step's start and end
+
+    out = tmp_path / "r"
+    result = overhead.main(["--models", "few_tensors", "--batch-size", "few_tensors=3", "--no-separate",
+                            "--variants", "none,gradguard_nolog", "--warmup", "1", "--alternate", "2",
+                            "--alternate-steps", "12", "--logger", "csv", "--block-timing", "--out", str(out)])
+    (row,) = result["alternating"]
+    assert row["pairs"] >= 2 and row["median_on_ms"] > 0 and row["median_off_ms"] > 0
+    assert "Block timing (`--block-timing`)" in out.with_suffix(".md").read_text()
