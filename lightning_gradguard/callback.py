@@ -339,7 +339,8 @@ class GradGuard(Callback):
             spike_zscore=check_number("spike_zscore", spike_zscore, **positive),
             spike_min_ratio=check_number("spike_min_ratio", spike_min_ratio, **above_one),
             warmup_spike_ratio=check_number("warmup_spike_ratio", warmup_spike_ratio, **above_one),
-            growth_window=check_number("growth_window", growth_window, low=2, integer=True),
+            # the bound: the ring of past levels is growth_window x (layers + 1) floats
+            growth_window=check_number("growth_window", growth_window, low=2, high=10_000, integer=True),
             growth_factor=check_number("growth_factor", growth_factor, **above_one),
             growth_min_steps=check_number(
                 "growth_min_steps", growth_min_steps, low=1, high=growth_window, integer=True,
@@ -367,24 +368,34 @@ class GradGuard(Callback):
             raise ValueError("`lr_factor` must be below 1 to reduce the learning rate, got 1.")
         self.lr_cooldown = check_number("lr_cooldown", lr_cooldown, low=0, integer=True)
         self.lr_min_scale = check_number("lr_min_scale", lr_min_scale, high=1, **positive)
+        if self.lr_min_scale == 1:
+            raise ValueError("`lr_min_scale` must be below 1, got 1: 'reduce_lr' could not reduce the learning rate.")
         self.lr_recover_after = check_number("lr_recover_after", lr_recover_after, low=1, integer=True, optional=True)
         self.rollback_every = check_number("rollback_every", rollback_every, low=1, integer=True)
-        self.rollback_keep = check_number("rollback_keep", rollback_keep, low=1, integer=True)
+        # each snapshot is a host copy of the weights and the optimizer state
+        self.rollback_keep = check_number("rollback_keep", rollback_keep, low=1, high=100, integer=True)
         self.rollback_margin = check_number("rollback_margin", rollback_margin, low=0, integer=True)
         self.max_rollbacks = check_number("max_rollbacks", max_rollbacks, low=1, integer=True)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"`prefix` must be a non-empty string such as 'grad/', got {prefix!r}.")
         self.prefix = prefix
         self._state_key: tuple[str | None, str] = (None, "")  # (prefix, key), see state_key
+        if sinks is not None and not isinstance(sinks, (list, tuple)):
+            raise ValueError(f"`sinks` must be a list of GuardSink instances, got {sinks!r}. Wrap a single one: "
+                             "sinks=[sink].")
         sinks = list(sinks or [])
         for sink in sinks:
             if not isinstance(sink, GuardSink):
                 raise ValueError(f"`sinks` must hold GuardSink instances, got {sink!r}. Subclass lightning_gradguard.GuardSink.")
         if record is not None and record is not False:
-            if not (record is True or isinstance(record, (str, os.PathLike))):
-                raise ValueError(f"`record` must be True, a file or folder path, or None, got {record!r}.")
+            if not (record is True or isinstance(record, (str, os.PathLike))) or record == "":
+                raise ValueError(f"`record` must be True (the log folder), a file or folder path, or None, "
+                                 f"got {record!r}.")
             from lightning_gradguard.record import RecordSink
 
+            if any(isinstance(sink, RecordSink) for sink in sinks):
+                raise ValueError("`record` and a RecordSink in `sinks` would write the same run record twice; "
+                                 "pass one of them (a RecordSink in `sinks` takes the options).")
             sinks.append(RecordSink(None if record is True else record))
         self.sinks: list[GuardSink] = sinks
         if wandb not in (None, True, False):

@@ -89,20 +89,32 @@ def _parser() -> argparse.ArgumentParser:
         "--fail-on", metavar="KINDS", default="all",
         help=f"comma-separated kinds that make the exit status 1: {','.join(KINDS)}, 'all' (default) or 'none'",
     )
-    parser.add_argument("--max-rows", metavar="N", type=int, default=30, help="layers shown in the table (default 30)")
+    parser.add_argument("--max-rows", metavar="N", type=_positive_int, default=30,
+                        help="layers shown in the table (default 30)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)  # argparse reports a ValueError as "invalid _positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _kinds(text: str) -> tuple[str, ...]:
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if names == ["all"]:
         return KINDS
-    if names in ([], ["none"]):
+    if names == ["none"]:
         return ()
+    if not names:  # an empty shell variable, say: a gate that can never fail must be asked for by name
+        raise ValueError(f"--fail-on: got {text!r}, no kind; use a comma-separated list of {', '.join(KINDS)}, "
+                         "or 'all' / 'none' (alone)")
     bad = [n for n in names if n not in KINDS]
     if bad:
-        raise ValueError(f"--fail-on: unknown kind {bad[0]!r}; use a comma-separated list of {', '.join(KINDS)}, "
-                         "or 'all' / 'none'")
+        alone = " ('all' and 'none' stand alone)" if bad[0] in ("all", "none") else ""
+        raise ValueError(f"--fail-on: unknown kind {bad[0]!r}{alone}; use a comma-separated list of "
+                         f"{', '.join(KINDS)}, or 'all' / 'none'")
     return tuple(k for k in KINDS if k in names)
 
 

@@ -4,6 +4,7 @@ with a message that names the argument, shows the value and says what to do."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,13 +53,15 @@ def check_number(
     optional: bool = False,
     hint: str = "",
 ) -> Any:
-    """Refuse a value that is not a (finite) number in range; ``optional`` lets ``None`` through."""
+    """Refuse a value that is not a (finite) number in range; ``optional`` lets ``None`` through.
+    Numpy scalars are numbers too: returned as the Python ``int`` / ``float`` they stand for."""
     if value is None and optional:
         return None
     kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok_type = isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real)
     if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
         raise ValueError(f"`{arg}` must be {kind}{' or None' if optional else ''}, got {value!r}.{_hint(hint)}")
+    value = int(value) if integer else (value if isinstance(value, (int, float)) else float(value))
     if low is not None and (value <= low if low_open else value < low):
         bound = f"greater than {low}" if low_open else f"at least {low}"
         raise ValueError(f"`{arg}` must be {bound}, got {value!r}.{_hint(hint)}")

@@ -652,6 +652,10 @@ class PicturesSink(GuardSink):
     ) -> None:
         if isinstance(dpi, bool) or not isinstance(dpi, int) or not 10 <= dpi <= 600:
             raise ValueError(f"`dpi` must be an integer in 10..600, got {dpi!r}.")
+        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
+            raise ValueError(f"`dirpath` must be a folder path or None (the logger's folder), got {dirpath!r}.")
+        if not isinstance(log_summary, bool):
+            raise ValueError(f"`log_summary` must be True or False, got {log_summary!r}.")
         try:
             import matplotlib  # noqa: F401  (checked here, drawn later)
         except ImportError as err:

@@ -50,6 +50,13 @@ BAD = [
     (dict(max_rollbacks=0), r"`max_rollbacks` must be at least 1, got 0"),
     (dict(prefix=""), r"`prefix` must be a non-empty string such as 'grad/', got ''"),
     (dict(top_k=True), r"`top_k` must be an integer, got True"),
+    # no upper bound here made every step fail inside the guard (a 30 GB ring of past levels, a MemoryError)
+    (dict(growth_window=10**9), r"`growth_window` must be at most 10000, got 1000000000"),
+    (dict(rollback_keep=10**9), r"`rollback_keep` must be at most 100, got 1000000000"),
+    # accepted before, and 'reduce_lr' then never reduced anything
+    (dict(lr_min_scale=1.0), r"`lr_min_scale` must be below 1, got 1: 'reduce_lr' could not reduce"),
+    (dict(sinks="abc"), r"`sinks` must be a list of GuardSink instances, got 'abc'\. Wrap a single one"),
+    (dict(record=""), r"`record` must be True \(the log folder\), a file or folder path, or None, got ''"),
 ]
 
 
@@ -66,14 +73,32 @@ def test_defaults_and_normalisation():
     assert GradGuard().on_nonfinite == ("skip", "alert")
 
 
+def test_numpy_numbers_are_numbers():
+    """``top_k=np.int64(5)`` was refused as "must be an integer"; numpy scalars now pass, as Python numbers."""
+    import numpy as np
+
+    g = GradGuard(top_k=np.int64(5), spike_zscore=np.float32(5.5), log_every_n_steps=np.int32(10))
+    assert (g.top_k, g.config.spike_zscore, g.log_every_n_steps) == (5, 5.5, 10)
+    assert type(g.top_k) is int and type(g.config.spike_zscore) is float and type(g.log_every_n_steps) is int
+    with pytest.raises(ValueError, match=r"`top_k` must be an integer, got np.float64\(5.0\)"):
+        GradGuard(top_k=np.float64(5.0))
+    with pytest.raises(ValueError, match=r"`spike_zscore` must be a number, got np.float32\(nan\)"):
+        GradGuard(spike_zscore=np.float32("nan"))
+
+
 def test_record_argument():
     from lightning_gradguard import RecordSink
 
     assert isinstance(GradGuard(record=True).sinks[-1], RecordSink)
     assert GradGuard(record=None).sinks == []
-    with pytest.raises(ValueError, match=r"`record` must be True, a file or folder path, or None, got 3"):
+    with pytest.raises(ValueError, match=r"`record` must be True \(the log folder\), a file or folder path, or None, got 3"):
         GradGuard(record=3)
     with pytest.raises(ValueError, match=r"`sinks` must hold GuardSink instances"):
         GradGuard(sinks=[object()])
+    with pytest.raises(ValueError, match=r"`sinks` must be a list of GuardSink instances, got <lightning_gradguard"):
+        GradGuard(sinks=RecordSink())  # one sink, not in a list
+    # two sinks writing one file overwrote each other: a corrupt record, and the `gradguard` gate exited 2
+    with pytest.raises(ValueError, match=r"`record` and a RecordSink in `sinks` would write the same run record twice"):
+        GradGuard(record=True, sinks=[RecordSink(digits=2)])
     with pytest.raises(ValueError, match=r"`wandb` must be None \(automatic\), True or False, got 'yes'"):
         GradGuard(wandb="yes")

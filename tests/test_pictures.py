@@ -231,6 +231,8 @@ def test_pictures_per_optimizer(tmp_path):
         (dict(every_n_steps=-1), r"`every_n_steps` must be None or an integer >= 0, got -1"),
         (dict(max_columns=0), r"`max_columns` must be an integer >= 2, got 0"),
         (dict(dpi=5), r"`dpi` must be an integer in 10..600, got 5"),
+        (dict(dirpath=5), r"`dirpath` must be a folder path or None \(the logger's folder\), got 5"),
+        (dict(log_summary="no"), r"`log_summary` must be True or False, got 'no'"),  # was taken for True
     ],
 )
 def test_pictures_sink_arguments_are_validated(kwargs, match):

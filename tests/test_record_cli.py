@@ -268,6 +268,14 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     good = _lines(tmp_path / "ok.jsonl", HEADER)
     assert main([str(good), "--fail-on", "exploding,boiling"]) == 2
     assert "gradguard: error: --fail-on: unknown kind 'boiling'" in capsys.readouterr().err
+    # an empty list (an unset shell variable) meant 'none': a CI gate that could never fail
+    for empty in ("", ","):
+        assert main([str(good), "--fail-on", empty]) == 2
+        assert f"gradguard: error: --fail-on: got {empty!r}, no kind" in capsys.readouterr().err
+    assert main([str(good), "--fail-on", "all,nonfinite"]) == 2
+    assert "unknown kind 'all' ('all' and 'none' stand alone)" in capsys.readouterr().err
+    assert main([str(good), "--max-rows", "0"]) == 2
+    assert "--max-rows: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_cli_colour_only_on_a_terminal_without_no_color(records, monkeypatch):

@@ -297,6 +297,9 @@ def test_pictures_and_histograms_per_optimizer_in_a_real_trainer(fake):
         (dict(histogram_bins=513), r"`histogram_bins` must be an integer in 1..512"),
         (dict(histogram_every_n_steps=0), r"`histogram_every_n_steps` must be an integer >= 1, got 0"),
         (dict(histogram_layers="net.0"), r"wrap it in a list: \['net.0'\]"),
+        (dict(histogram_layers=5), r"`histogram_layers` must be a list of layer names or patterns \(strings\), got 5"),
+        (dict(histogram_layers=[5]), r"`histogram_layers` must be a list of .* got \[5\]"),
+        (dict(pictures="no"), r"`pictures` must be True or False, got 'no'"),  # was taken for True
     ],
 )
 def test_arguments_are_validated(kwargs, match):

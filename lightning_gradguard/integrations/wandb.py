@@ -202,6 +202,13 @@ class WandbSink(GuardSink):
                 f"`histogram_layers` must be a sequence of layer names or patterns, got the string "
                 f"{histogram_layers!r}; wrap it in a list: [{histogram_layers!r}]."
             )
+        if histogram_layers is not None and (
+            not isinstance(histogram_layers, (list, tuple)) or not all(isinstance(n, str) for n in histogram_layers)
+        ):
+            raise ValueError(f"`histogram_layers` must be a list of layer names or patterns (strings), "
+                             f"got {histogram_layers!r}.")
+        if not isinstance(pictures, bool):
+            raise ValueError(f"`pictures` must be True or False, got {pictures!r}.")
         if isinstance(histogram_every_n_steps, bool) or not isinstance(histogram_every_n_steps, int) \
                 or histogram_every_n_steps < 1:
             raise ValueError(f"`histogram_every_n_steps` must be an integer >= 1, got {histogram_every_n_steps!r}.")
