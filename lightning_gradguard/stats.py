@@ -291,7 +291,7 @@ class _Stacking:
             if ord == math.inf:  # see _norms; NaN propagates through amax, amin and maximum
                 parts.append(torch.maximum(rows.amax(1), rows.amin(1).neg()).to(torch.float32))
             else:
-                parts.append(torch.linalg.vector_norm(rows, ord, dim=1, dtype=torch.float32))
+                parts.append(torch.linalg.vector_norm(rows, ord, dim=1, dtype=_into_f32(rows)).to(torch.float32))
         if self.rest is not None:
             parts.append(torch.stack(_norms(self.rest(tensors), ord)))
         return torch.cat(parts)[self.order]
@@ -304,7 +304,7 @@ def _norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
     at memory speed, where the inf-norm kernel runs ~15x slower (8.8 ms against 0.6 ms for the
     13 MB of the benchmark MLP's gradients)."""
     if ord != math.inf:
-        return torch._foreach_norm(tensors, ord, dtype=torch.float32)
+        return _foreach_norm32(tensors, ord)
     if not tensors:
         return []
     if not all(t.numel() for t in tensors):  # max has no identity: keep the empty ones out of the kernels
@@ -312,13 +312,29 @@ def _norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
         return [next(full) if t.numel() else torch.zeros((), dtype=torch.float32, device=t.device) for t in tensors]
     large = [t.numel() >= _AMINMAX_MIN_NUMEL for t in tensors] if tensors[0].device.type == "cpu" else []
     if not any(large):
-        return torch._foreach_norm(tensors, ord, dtype=torch.float32)
+        return _foreach_norm32(tensors, ord)
     # on a CPU the inf-norm kernel costs ~0.6 ns per element, aminmax ~0.04 ns and ~1.5 us per call
     small = [t for t, is_large in zip(tensors, large) if not is_large]
-    small_max = iter(torch._foreach_norm(small, ord, dtype=torch.float32) if small else ())
+    small_max = iter(_foreach_norm32(small, ord) if small else ())
     lo, hi = zip(*(torch.aminmax(t) for t, is_large in zip(tensors, large) if is_large))
     large_max = iter(torch.maximum(torch.stack(hi), torch.stack(lo).neg()).to(torch.float32).unbind())  # NaN propagates
     return [next(large_max) if is_large else next(small_max) for is_large in large]
+
+
+def _foreach_norm32(tensors: list[Tensor], ord: float) -> list[Tensor]:
+    """``torch._foreach_norm`` into float32, for tensors of one dtype. Float64 ones (``precision="64-true"``,
+    a float64 head) are measured in float64 and cast: the kernel refuses to narrow. A norm beyond float32's
+    range then reads Inf; a sum of squares that overflows is re-read in float64 on the host (see
+    ``_overflowed_norms`` in the callback)."""
+    if tensors and tensors[0].dtype == torch.float64:
+        return [n.to(torch.float32) for n in torch._foreach_norm(tensors, ord)]
+    return torch._foreach_norm(tensors, ord, dtype=torch.float32)
+
+
+def _into_f32(tensor: Tensor) -> torch.dtype | None:
+    """The ``dtype=`` that makes a norm kernel accumulate into float32: float32 itself, except for float64
+    (torch refuses to narrow in the kernel: measure in float64, then cast)."""
+    return None if tensor.dtype == torch.float64 else torch.float32
 
 
 def _getter(indices: Sequence[int]) -> Callable:
@@ -376,7 +392,8 @@ def _tensor_norms(
     for (_, _, sparse), positions in groups.items():
         members = [tensors[i] for i in positions]
         if sparse:
-            norms = [torch.linalg.vector_norm(t.coalesce()._values(), ord, dtype=torch.float32) for t in members]
+            norms = [torch.linalg.vector_norm(t.coalesce()._values(), ord, dtype=_into_f32(t)).to(torch.float32)
+                     for t in members]
         else:
             norms = _norms(members, ord)
         for i, n in zip(positions, norms):

@@ -26,6 +26,47 @@ def test_statistics_are_of_unscaled_gradients(precision):
     assert guard.events == []
 
 
+@pytest.mark.parametrize("setup", ["64-true", "float64-head", "64-true-stacked"])
+def test_float64_gradients_are_measured_and_guarded(setup):
+    """Float64 gradients (``precision="64-true"``, or a float64 head beside a float32 body) failed the guard's
+    norm kernel ("should be convertible without narrowing") on every step: no statistics, no detection,
+    no clipping, only the fail-safe's NaN skip. ``-stacked``: 80 same-shaped tensors, read in stacked blocks,
+    with max |g| and weight norms every step."""
+    depth = 40 if setup.endswith("stacked") else 2
+    model = FaultyMLP({5: "inf", 12: "spike"}, depth=depth)
+    if setup == "float64-head":
+        model.net[-1].double()
+        model.forward = lambda x, net=model.net: net[-1](net[:-1](x).double())
+    seen, rec = NormSink(), NormRecorder()
+    guard = GradGuard(sinks=[seen], detail_every_n_steps=1 if setup.endswith("stacked") else None)
+    trainer(max_steps=14, callbacks=[rec, guard], precision="64-true" if setup.startswith("64") else "32-true").fit(
+        model, digits_loader())
+    assert guard.internal_errors == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [(e.step, e.kind) for e in guard.events][:2] == [(5, "nonfinite"), (12, "exploding")]
+    for step, norm in seen.total.items():
+        assert norm == pytest.approx(rec.total[step], rel=1e-5, nan_ok=True)
+    assert len(seen.total) == 14
+
+
+def test_lbfgs_every_closure_evaluation_is_guarded():
+    """LBFGS evaluates its closure several times per ``step()``; Lightning runs ``on_before_optimizer_step``
+    in each, so the guard sees (and counts) every evaluation. An Inf at a step is still skipped."""
+
+    class LBFGSMLP(FaultyMLP):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+    seen = NormSink()
+    guard = GradGuard(sinks=[seen])
+    model = LBFGSMLP({5: "inf"})
+    trainer(max_steps=8, callbacks=[guard]).fit(model, digits_loader())
+    assert guard.internal_errors == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [(e.step, e.kind, "skip" in e.actions) for e in guard.events] == [(5, "nonfinite", True)]
+    assert guard._watches[0].counts["steps"] > 8  # evaluations, not optimizer steps
+
+
 class NormSink(GuardSink):
     def __init__(self):
         self.total = {}
