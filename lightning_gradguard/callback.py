@@ -424,6 +424,7 @@ class GradGuard(Callback):
         self._scaler: Any = None
         self._reduce = None  # cross-rank reduction of partial sums, for sharded strategies
         self._trainer: weakref.ref | None = None  # for the statistics still in flight at checkpoint time
+        self._n_optimizers = 0  # the trainer's, at train start
         self._module: weakref.ref | None = None
         self._late_error: GradientHealthError | None = None  # a "raise" found at checkpoint time, raised next hook
 
@@ -493,6 +494,9 @@ class GradGuard(Callback):
                     )
         self._trainer = weakref.ref(trainer)
         self._module = weakref.ref(pl_module)
+        # the optimizers' count decides the logged keys (opt<i>/) from the first step on: the first watch
+        # is made before the second optimizer's first step
+        self._n_optimizers = len(trainer.optimizers)
 
     @property
     def _skips_on_device(self) -> bool:
@@ -1624,19 +1628,23 @@ class GradGuard(Callback):
     # ------------------------------------------------------------------ logging
     def _key(self, watch: _Watch, name: str) -> str:
         """The logged key of ``name`` (``grad/norm_total``, ``grad/opt1/norm_total``); cached per watch."""
-        keys = watch.keys
-        if keys.get(None) != len(self._watches):  # a second optimizer appeared: every key changes
+        keys, count = watch.keys, self._optimizer_count()
+        if keys.get(None) != count:  # a second optimizer appeared: every key changes
             keys.clear()
-            keys[None] = len(self._watches)
+            keys[None] = count
         key = keys.get(name)
         if key is None:
-            opt = f"opt{watch.index}/" if len(self._watches) > 1 or watch.index else ""
+            opt = f"opt{watch.index}/" if count > 1 or watch.index else ""
             key = keys[name] = f"{self.prefix}{opt}{name}"
         return key
 
+    def _optimizer_count(self) -> int:
+        """The optimizers the trainer holds (at train start), or the guard has seen, whichever is more."""
+        return max(self._n_optimizers, len(self._watches))
+
     def _layer_keys(self, watch: _Watch, kind: str) -> list[str | None]:
         """``<prefix><opt>kind/<layer>`` for every series index (None for the global series 0); cached."""
-        keys = watch.keys.get(("layers", kind)) if watch.keys.get(None) == len(self._watches) else None
+        keys = watch.keys.get(("layers", kind)) if watch.keys.get(None) == self._optimizer_count() else None
         if keys is None:
             keys = [None] + [self._key(watch, f"{kind}/{layer}") for layer in watch.plan.layers]
             watch.keys[("layers", kind)] = keys
