@@ -1802,6 +1802,8 @@ class GradGuard(Callback):
             "event_counts": dict(self._event_counts),
             "watches": watches,
             "loss": self._loss.state_dict(),
+            # alert_quiet_steps goes on across a resume: (optimizer, kind, reason, layer, step of the last alert)
+            "last_alert": [[*key, step] for key, step in self._last_alert.items()],
         }
 
     @override
@@ -1812,6 +1814,7 @@ class GradGuard(Callback):
         self._pending_losses, self._unwritten = [], []  # of another run
         self._watches = {}
         self._opt_index = {}
+        self._last_alert = {tuple(entry[:-1]): int(entry[-1]) for entry in state_dict.get("last_alert", [])}
         loss = state_dict.get("loss")
         if isinstance(loss, dict):
             self._loss.load_state_dict(loss)
@@ -1820,14 +1823,16 @@ class GradGuard(Callback):
         state = self._pending_state.pop(watch.index, None)
         if not state:
             return
-        if list(state.get("layers", [])) != list(watch.plan.layers):
-            log.warning("GradGuard: the model's layers changed since the checkpoint; detector state starts afresh")
-            return
-        watch.detector.load_state_dict(state.get("detector", {}))
+        # the run's counts and LR bookkeeping go on whatever the layers (summary() counts the whole run)
         watch.counts.update(state.get("counts", {}))
-        watch.overflow_streak = int(state.get("overflow_streak", 0))
         watch.last_lr_change = int(state.get("last_lr_change", watch.last_lr_change))
         watch.healthy_since = int(state.get("healthy_since", 0))
+        if list(state.get("layers", [])) != list(watch.plan.layers):
+            log.warning("GradGuard: the model's layers changed since the checkpoint; the detector's levels, "
+                        "thresholds and growth anchors start afresh (warm-up included), the counts go on")
+            return
+        watch.detector.load_state_dict(state.get("detector", {}))
+        watch.overflow_streak = int(state.get("overflow_streak", 0))
         watch.last_fired = {int(b): np.asarray(v, dtype=np.int64) for b, v in state.get("last_fired", {}).items()}
         anchor = state.get("anchor")
         if anchor is not None:
@@ -1852,6 +1857,7 @@ def _overflowed_norms(plan: LayerPlan, positions: Sequence[int], norms: list[flo
             g = plan.params[positions[j]].grad
             g = local_shards([g])[0] if plan.dtensor else g
             g = g.coalesce()._values() if g.is_sparse else g
+            g = torch.view_as_real(g) if g.is_complex() else g  # the same L2 norm, and a real dtype
             out[j] = torch.linalg.vector_norm(g, dtype=torch.float64).item()  # sync: overflow steps only
     return out
 

@@ -649,8 +649,14 @@ class LossTrend:
                 "ring": torch.tensor(self.ring, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seen = int(state.get("seen", 0))
         levels, ring = state.get("levels"), state.get("ring")
-        if isinstance(levels, Tensor) and levels.numel() == 2 and isinstance(ring, Tensor) and ring.numel() == self.window:
-            self.first, self.fast = (float(v) for v in levels.double().tolist())
-            self.ring = [float(v) for v in ring.double().tolist()]
+        if not (isinstance(levels, Tensor) and levels.numel() == 2 and isinstance(ring, Tensor)):
+            return  # nothing observed yet (or not a LossTrend's state): starts afresh, warm-up included
+        self.seen = int(state.get("seen", 0))
+        self.first, self.fast = (float(v) for v in levels.double().tolist())
+        old = [float(v) for v in ring.double().tolist()]
+        # a ring of another size (growth_window changed since the checkpoint): the latest levels it holds
+        # go where this window expects them, the older slots wait as at the start (NaN)
+        self.ring = [math.nan] * self.window
+        for s in range(max(0, self.seen - min(len(old), self.window)), self.seen):
+            self.ring[s % self.window] = old[s % len(old)]

@@ -261,7 +261,8 @@ class _Stacking:
 
     @classmethod
     def plan(cls, params: Sequence[Tensor]) -> _Stacking | None:
-        if not params or len({(p.device, p.dtype) for p in params}) > 1 or params[0].device.type != "cpu":
+        if (not params or len({(p.device, p.dtype) for p in params}) > 1 or params[0].device.type != "cpu"
+                or params[0].is_complex()):  # complex: no amax/amin for max |x|
             return None
         by_shape: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
@@ -310,7 +311,8 @@ def _norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
     if not all(t.numel() for t in tensors):  # max has no identity: keep the empty ones out of the kernels
         full = iter(_norms([t for t in tensors if t.numel()], ord))
         return [next(full) if t.numel() else torch.zeros((), dtype=torch.float32, device=t.device) for t in tensors]
-    large = [t.numel() >= _AMINMAX_MIN_NUMEL for t in tensors] if tensors[0].device.type == "cpu" else []
+    cpu = tensors[0].device.type == "cpu" and not tensors[0].is_complex()  # aminmax has no complex kernel
+    large = [t.numel() >= _AMINMAX_MIN_NUMEL for t in tensors] if cpu else []
     if not any(large):
         return _foreach_norm32(tensors, ord)
     # on a CPU the inf-norm kernel costs ~0.6 ns per element, aminmax ~0.04 ns and ~1.5 us per call
@@ -323,18 +325,19 @@ def _norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
 
 def _foreach_norm32(tensors: list[Tensor], ord: float) -> list[Tensor]:
     """``torch._foreach_norm`` into float32, for tensors of one dtype. Float64 ones (``precision="64-true"``,
-    a float64 head) are measured in float64 and cast: the kernel refuses to narrow. A norm beyond float32's
-    range then reads Inf; a sum of squares that overflows is re-read in float64 on the host (see
-    ``_overflowed_norms`` in the callback)."""
-    if tensors and tensors[0].dtype == torch.float64:
+    a float64 head) and complex ones are measured in their own precision and cast: the kernel refuses to
+    narrow, and takes no real ``dtype`` for complex input. A norm beyond float32's range then reads Inf; a
+    sum of squares that overflows is re-read in float64 on the host (see ``_overflowed_norms`` in the callback)."""
+    if tensors and _into_f32(tensors[0]) is None:
         return [n.to(torch.float32) for n in torch._foreach_norm(tensors, ord)]
     return torch._foreach_norm(tensors, ord, dtype=torch.float32)
 
 
 def _into_f32(tensor: Tensor) -> torch.dtype | None:
     """The ``dtype=`` that makes a norm kernel accumulate into float32: float32 itself, except for float64
-    (torch refuses to narrow in the kernel: measure in float64, then cast)."""
-    return None if tensor.dtype == torch.float64 else torch.float32
+    (torch refuses to narrow in the kernel) and complex tensors (their norm's own real dtype): ``None``,
+    measure in their precision, then cast."""
+    return None if tensor.dtype == torch.float64 or tensor.is_complex() else torch.float32
 
 
 def _getter(indices: Sequence[int]) -> Callable:

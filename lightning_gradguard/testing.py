@@ -236,7 +236,10 @@ def check_gradients(
             is ``GradReport.format()``: what, where, when, the numbers, the
             usual causes, the per-layer norms. ``err.events`` holds the events,
             ``err.report`` the :class:`GradReport`.
-        RuntimeError: the model took no optimizer step (nothing was checked).
+        RuntimeError: the run could not be checked: no optimizer step, steps the
+            guard itself failed on (internal errors), or a ``GradGuard`` from the
+            module's ``configure_callbacks()`` that Lightning put in place of the
+            strict one. A fit that ends before ``max_steps`` warns.
     """
     __tracebackhide__ = True  # pytest: show the report, not this frame
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
@@ -276,10 +279,31 @@ def check_gradients(
         failure = GradientHealthError(report.format(), tuple(error.events) or report.events)
         failure.report = report
         raise failure from None  # the report says it all; Lightning's internals add nothing
+    if guard not in trainer.callbacks:
+        raise RuntimeError(
+            f"check_gradients: {type(model).__name__}.configure_callbacks() returns a "
+            f"{type(next(c for c in trainer.callbacks if isinstance(c, guard_cls))).__name__}, and Lightning "
+            "replaced the strict guard with it: nothing was checked strictly. Leave it out of configure_callbacks "
+            "for this check (its settings can be passed to check_gradients as keyword arguments)."
+        )
+    if guard.internal_errors:
+        raise RuntimeError(
+            f"check_gradients: the guard failed on {guard.internal_errors} step(s) of {type(model).__name__} "
+            f"(reported above as warnings: {', '.join(f'{t}: {m}' for t, m in sorted(guard._reported_errors))}); "
+            "those steps were not checked, so this run cannot pass. Please report it as a bug of "
+            "lightning_gradguard."
+        )
     if report.steps == 0:
         raise RuntimeError(
             f"check_gradients: {type(model).__name__} took no optimizer step (max_steps={max_steps}), so no "
             "gradient was checked. Is the dataloader empty, or does manual optimization never call `opt.step()`?"
+        )
+    if report.steps < max_steps:
+        warnings.warn(
+            f"check_gradients: {type(model).__name__} took {report.steps} optimizer steps of max_steps={max_steps} "
+            "(the fit ended early: trainer_kwargs' max_epochs or limit_train_batches, or the dataloader); a layer "
+            f"vanishing needs {guard.config.vanish_patience} steps to be caught.",
+            stacklevel=2,
         )
     return report
 

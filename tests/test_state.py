@@ -32,6 +32,64 @@ def test_state_round_trips_through_a_real_checkpoint(tmp_path, caplog):
     assert w_new.detector.steps == 30
 
 
+def test_a_resumed_run_has_the_events_and_alerts_of_an_uninterrupted_one(tmp_path):
+    """alert_quiet_steps went on from nothing after a resume: a second spike within it alerted again."""
+    from lightning.pytorch import seed_everything
+
+    from helpers import FaultyMLP
+
+    faults = {20: "nan_layer", 33: "nan_layer"}
+    seed_everything(0)
+    whole = GradGuard()
+    trainer(max_steps=40, callbacks=[whole]).fit(FaultyMLP(faults), digits_loader(batch_size=512))
+    seed_everything(0)
+    first = GradGuard()
+    t = trainer(max_steps=30, callbacks=[first])
+    t.fit(FaultyMLP(faults), digits_loader(batch_size=512))  # one batch per epoch: resumes on the same data
+    path = tmp_path / "at30.ckpt"
+    t.save_checkpoint(path)
+    resumed = GradGuard()
+    trainer(max_steps=40, callbacks=[resumed]).fit(FaultyMLP(faults), digits_loader(batch_size=512), ckpt_path=path)
+    expected = [(e.step, e.kind, e.actions) for e in whole.events]
+    assert [(e.step, e.actions) for e in whole.events if e.step in faults] == [
+        (20, ("skip", "alert")), (33, ("skip",))]  # within alert_quiet_steps (100) of the first: no second alert
+    assert [(e.step, e.kind, e.actions) for e in resumed.events] == expected
+
+
+def test_a_resume_with_other_layers_restarts_the_detector_but_the_counts_go_on(tmp_path, caplog):
+    guard = GradGuard()
+    t = trainer(max_steps=15, callbacks=[guard])
+    t.fit(DigitsMLP(), digits_loader())
+    path = tmp_path / "ckpt.ckpt"
+    t.save_checkpoint(path)
+    resumed = GradGuard(group_depth=1)  # every parameter in one layer `net`: another layout
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        trainer(max_steps=30, callbacks=[resumed]).fit(DigitsMLP(), digits_loader(), ckpt_path=path)
+    assert "the model's layers changed since the checkpoint" in caplog.text
+    watch = resumed._watches[0]
+    assert watch.plan.layers == ("net",) and watch.detector.steps == 15  # the detector started afresh
+    assert watch.counts["steps"] == 30 == resumed.summary()["steps"]  # the run's count went on
+
+
+def test_a_changed_growth_window_keeps_the_loss_levels():
+    """The loss trend's ring has growth_window slots: another size was refused whole, levels included, and the
+    run's initial loss level became the first loss after the resume."""
+    from lightning_gradguard.detectors import LossTrend
+
+    old = LossTrend(warmup=2, window=5, converged_ratio=0.01)
+    for loss in [4.0, 3.0, 2.0, 1.0, 0.5, 0.25, 0.2]:
+        old.observe(loss)
+    new = LossTrend(warmup=2, window=3, converged_ratio=0.01)
+    new.load_state_dict(old.state_dict())
+    assert (new.seen, new.first, new.fast) == (old.seen, old.first, old.fast)
+    # the latest 3 levels, where a window of 3 expects them
+    assert [new.ring[s % 3] for s in range(4, 7)] == [old.ring[s % 5] for s in range(4, 7)]
+    bigger = LossTrend(warmup=2, window=8, converged_ratio=0.01)
+    bigger.load_state_dict(old.state_dict())
+    assert [bigger.ring[s % 8] for s in range(2, 7)] == [old.ring[s % 5] for s in range(2, 7)]
+    assert [bigger.ring[s % 8] for s in (0, 1)] == [None, None] or all(v != v for v in (bigger.ring[0], bigger.ring[1]))
+
+
 def test_load_state_dict_does_not_mutate_its_input_and_tolerates_old_keys():
     guard = GradGuard()
     state = {"events": [], "watches": {}}

@@ -124,6 +124,61 @@ def test_bad_arguments_are_refused():
         check_gradients(nn.Linear(2, 2), digits_loader())
 
 
+class ComplexParam(FaultyMLP):
+    """A complex parameter beside the real ones; at step ``bad`` its gradient holds an Inf."""
+
+    def __init__(self, bad: int | None = None) -> None:
+        super().__init__({})
+        self.w = nn.Parameter(torch.zeros(4, dtype=torch.complex64))
+        self.bad = bad
+
+    def forward(self, x):
+        return self.net(x) + (self.w * self.w.conj()).real.sum()
+
+    def on_after_backward(self):
+        if self.global_step == self.bad:
+            self.w.grad[1] = complex("inf")
+
+
+def test_a_complex_parameter_is_guarded_and_its_nan_fails_the_check():
+    """Complex gradients failed the guard's norm kernel: every step an internal error, and the check
+    passed a run whose complex weights had become NaN."""
+    report = check_gradients(ComplexParam(), digits_loader(), max_steps=8)
+    assert report.healthy and report.steps == 8 and "(root)" in report.layers
+    model = ComplexParam(bad=5)
+    with pytest.raises(GradientHealthError, match=r"step 5: non-finite gradients \(Inf\) in 1 layer: `\(root\)`"):
+        check_gradients(model, digits_loader(), max_steps=8)
+
+
+def test_a_run_the_guard_could_not_check_fails(monkeypatch):
+    """Internal errors leave steps unchecked: the check fails rather than passing them."""
+    from lightning_gradguard import GradGuard
+
+    def broken(self, *args, **kwargs):
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(GradGuard, "_analyse", broken)
+    with pytest.raises(RuntimeError, match=r"the guard failed on 6 step\(s\) of DigitsMLP .*ZeroDivisionError: planted"):
+        check_gradients(DigitsMLP(), digits_loader(), max_steps=6)
+
+
+def test_a_guard_from_configure_callbacks_replacing_the_strict_one_fails_with_the_reason():
+    from lightning_gradguard import GradGuard
+
+    class OwnGuard(FaultyMLP):
+        def configure_callbacks(self):
+            return [GradGuard()]  # lenient: skips the Inf instead of raising
+
+    with pytest.raises(RuntimeError, match=r"OwnGuard.configure_callbacks\(\) returns a GradGuard, and Lightning replaced"):
+        check_gradients(OwnGuard({3: "inf"}), digits_loader(), max_steps=6)
+
+
+def test_a_fit_ended_before_max_steps_warns():
+    with pytest.warns(UserWarning, match=r"took 3 optimizer steps of max_steps=50 .* vanishing needs 15 steps"):
+        report = check_gradients(DigitsMLP(), digits_loader(n=96), trainer_kwargs={"max_epochs": 1})
+    assert report.steps == 3
+
+
 def test_no_step_taken_is_an_error_not_a_pass():
     empty = DataLoader(TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), batch_size=4)
     with pytest.raises(RuntimeError, match="took no optimizer step"):
