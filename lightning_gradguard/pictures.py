@@ -308,9 +308,14 @@ class FlowRecorder:
         return bool(self.every_n_steps) and history.steps_seen % self.every_n_steps == 0
 
     def add_event(self, event: Any) -> None:
-        history = self.histories.get(getattr(event, "optimizer", 0))
+        optimizer = getattr(event, "optimizer", 0)
+        history = self.histories.get(optimizer)
         if history is not None:
             history.add_event(event.step, event.kind, event.layer)
+            # sinks hear of a step's events after its on_step: a picture drawn at this step lacks the mark,
+            # and if it is the run's last, nothing would redraw it (see unpublished)
+            if self._published_at.get(optimizer) == history.steps_seen:
+                self._published_at[optimizer] = history.steps_seen - 1
 
     def unpublished(self) -> list[int]:
         """Optimizers with steps added since their last picture."""

@@ -183,6 +183,24 @@ def test_pictures_sink_writes_pngs_and_the_summary_into_the_log_dir(tmp_path):
     assert len(rows) == 1 and float(rows[0]["grad/summary/events/nonfinite"]) == 2
 
 
+def test_an_event_at_a_picture_step_is_marked_in_the_last_picture(tmp_path, monkeypatch):
+    """The picture due at a step is drawn in that step's on_step, before the sinks hear of its events: when
+    it was the run's last, its event went unmarked for good."""
+    import lightning_gradguard.pictures as pictures
+
+    drawn = []
+    real = pictures.heatmap_figure
+
+    def spy(history, **kwargs):
+        drawn.append((history.steps_seen, [(m.step, m.kind) for m in history.events]))
+        return real(history, **kwargs)
+
+    monkeypatch.setattr(pictures, "heatmap_figure", spy)
+    sink = PicturesSink(every_n_steps=10, dirpath=tmp_path)
+    trainer(max_steps=10, callbacks=[GradGuard(sinks=[sink])]).fit(FaultyMLP({9: "nan_layer"}), digits_loader())
+    assert drawn[-1] == (10, [(9, "nonfinite")])  # redrawn at the end of fit, with the mark
+
+
 def test_pictures_sink_without_a_logger_uses_the_folder_given(tmp_path):
     sink = PicturesSink(tmp_path / "pics", every_n_steps=None, log_summary=False)
     trainer(max_steps=5, callbacks=[GradGuard(sinks=[sink])]).fit(FaultyMLP({}), digits_loader())
