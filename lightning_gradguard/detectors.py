@@ -574,6 +574,9 @@ def config_fields() -> tuple[str, ...]:
     return tuple(f.name for f in fields(DetectorConfig))
 
 
+JITTER_MARGIN = 3.0  # LossTrend.worsening: the rise must exceed this many times the loss's jitter
+
+
 class LossTrend:
     """The loss's running level (host floats): the gates of growth and vanishing.
 
@@ -582,10 +585,14 @@ class LossTrend:
       gradients are then expected, not vanishing. Off for losses that start
       at or below zero (a ratio means nothing there).
     * ``worsening()``: the running level (of finite losses) rose over the last
-      ``window`` steps by more than ``noise`` x the initial level: growing norms
-      are then a divergence. The margin ignores the jitter of a loss that has
+      ``window`` steps by more than ``noise`` x the initial level, and by more
+      than ``JITTER_MARGIN`` x the loss's own jitter (the running mean of
+      ``|loss - level|``) at the start of the window: growing norms are then
+      a divergence. The first margin ignores the wobble of a loss that has
       already converged (1e-3 wobbling to 2e-3 is not a divergence of a loss
-      that started at 1). A NaN/Inf loss does not open this gate by itself
+      that started at 1); the second, the few bad batches that lift the level
+      of a small-batch run (batch 4: most losses ~0.03, some 1-3) without
+      anything diverging. A NaN/Inf loss does not open this gate by itself
       (its gradients are reported as non-finite; one skipped NaN step must not
       turn healthy growth into an alarm).
 
@@ -593,7 +600,7 @@ class LossTrend:
     the previous step, which ride along with the gradient statistics in the
     step's one device-to-host copy.
 
-    >>> trend = LossTrend(warmup=2, window=3, converged_ratio=0.01)
+    >>> trend = LossTrend(warmup=2, window=10, converged_ratio=0.01)
     >>> for loss in [2.0, 2.0, 1.0, 0.5]:
     ...     trend.observe(loss)
     >>> trend.worsening(), trend.converged()
@@ -616,6 +623,8 @@ class LossTrend:
         self.first: float | None = None
         self.fast: float | None = None
         self.ring: list[float] | None = None
+        self.jitter = 0.0  # running mean of |loss - running level|: the loss's own batch-to-batch noise
+        self.jitter_ring: list[float] | None = None  # the jitter at each of the ring's steps
 
     def observe(self, loss: float) -> None:
         loss = float(loss)
@@ -624,11 +633,15 @@ class LossTrend:
             self.first = loss if finite else math.nan
             self.fast = self.first
             self.ring = [math.nan] * self.window
+            self.jitter_ring = [0.0] * self.window
         if finite:
             if self.seen < self.warmup:
                 self.first = loss if math.isnan(self.first) else self.first + (loss - self.first) / (self.seen + 1)
+            if not math.isnan(self.fast):
+                self.jitter += self.rate * (abs(loss - self.fast) - self.jitter)
             self.fast = loss if math.isnan(self.fast) else self.fast + self.rate * (loss - self.fast)
         self.ring[self.seen % self.window] = self.fast
+        self.jitter_ring[self.seen % self.window] = self.jitter
         self.seen += 1
 
     def converged(self) -> bool | None:
@@ -639,14 +652,18 @@ class LossTrend:
     def worsening(self) -> bool | None:
         if self.ring is None:
             return None
-        oldest = self.ring[self.seen % self.window] if self.seen >= self.window else self.ring[0]
-        return self.fast > oldest + self.noise * abs(self.first)
+        at = self.seen % self.window if self.seen >= self.window else 0
+        # the rise must also exceed the loss's own jitter before the window: with small batches a few bad
+        # batches lift the running level of a healthy, converged loss by more than 1% of the initial one
+        margin = max(self.noise * abs(self.first), JITTER_MARGIN * self.jitter_ring[at])
+        return self.fast > self.ring[at] + margin
 
     def state_dict(self) -> dict:
         if self.first is None:
             return {"seen": self.seen}
         return {"seen": self.seen, "levels": torch.tensor([self.first, self.fast], dtype=torch.float64),
-                "ring": torch.tensor(self.ring, dtype=torch.float64)}
+                "ring": torch.tensor(self.ring, dtype=torch.float64),
+                "jitter": torch.tensor([self.jitter, *self.jitter_ring], dtype=torch.float64)}
 
     def load_state_dict(self, state: dict) -> None:
         levels, ring = state.get("levels"), state.get("ring")
@@ -655,8 +672,14 @@ class LossTrend:
         self.seen = int(state.get("seen", 0))
         self.first, self.fast = (float(v) for v in levels.double().tolist())
         old = [float(v) for v in ring.double().tolist()]
+        jitter = state.get("jitter")  # absent from checkpoints written before it was kept: no jitter margin yet
+        jitter = [float(v) for v in jitter.double().tolist()] if isinstance(jitter, Tensor) else [0.0] * (len(old) + 1)
+        if len(jitter) != len(old) + 1:
+            jitter = [0.0] * (len(old) + 1)
+        self.jitter, old_jitter = jitter[0], jitter[1:]
         # a ring of another size (growth_window changed since the checkpoint): the latest levels it holds
         # go where this window expects them, the older slots wait as at the start (NaN)
-        self.ring = [math.nan] * self.window
+        self.ring, self.jitter_ring = [math.nan] * self.window, [0.0] * self.window
         for s in range(max(0, self.seen - min(len(old), self.window)), self.seen):
             self.ring[s % self.window] = old[s % len(old)]
+            self.jitter_ring[s % self.window] = old_jitter[s % len(old)]

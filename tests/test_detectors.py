@@ -153,3 +153,27 @@ def test_python_and_numpy_paths_agree_step_for_step():
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=0, equal_nan=True)
         for name in ("count", "level", "scale", "fast", "maxseen", "peak", "streak", "ring"):
             np.testing.assert_allclose(getattr(fast, name), getattr(vec, name), rtol=1e-12, equal_nan=True)
+
+
+def test_loss_worsening_needs_more_than_the_loss_jitter():
+    """A small-batch loss: ~0.03 on most batches, 2.0 on every 9th. Its running level jumps by ~0.2 with each bad
+    batch, more than 1% of the initial loss, and the growth gate read that as a divergence."""
+    from lightning_gradguard.detectors import LossTrend
+
+    noisy = LossTrend(warmup=10, window=50, converged_ratio=0.01)
+    for step in range(400):
+        noisy.observe(2.3 * 0.99**step + (2.0 if step % 9 == 0 else 0.03))
+        if step > 100:
+            assert not noisy.worsening(), step
+    # a real rise from the same noisy regime: the level goes up by much more than its jitter
+    for step in range(60):
+        noisy.observe(0.5 + 0.1 * step + (2.0 if step % 9 == 0 else 0.03))
+    assert noisy.worsening()
+    quiet = LossTrend(warmup=10, window=50, converged_ratio=0.01)  # no jitter: the 1% margin alone, as before
+    for step in range(100):
+        quiet.observe(1.0)
+    quiet.observe(1.3)
+    assert quiet.worsening()
+    restored = LossTrend(warmup=10, window=50, converged_ratio=0.01)
+    restored.load_state_dict(noisy.state_dict())
+    assert (restored.jitter, restored.jitter_ring, restored.ring) == (noisy.jitter, noisy.jitter_ring, noisy.ring)
