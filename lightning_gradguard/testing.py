@@ -280,11 +280,12 @@ def check_gradients(
         failure.report = report
         raise failure from None  # the report says it all; Lightning's internals add nothing
     if guard not in trainer.callbacks:
+        other = next((c for c in trainer.callbacks if isinstance(c, guard_cls)), None)
         raise RuntimeError(
-            f"check_gradients: {type(model).__name__}.configure_callbacks() returns a "
-            f"{type(next(c for c in trainer.callbacks if isinstance(c, guard_cls))).__name__}, and Lightning "
-            "replaced the strict guard with it: nothing was checked strictly. Leave it out of configure_callbacks "
-            "for this check (its settings can be passed to check_gradients as keyword arguments)."
+            f"check_gradients: {type(model).__name__}.configure_callbacks() returns "
+            f"{'a ' + type(other).__name__ if other is not None else 'a callback'}, and Lightning replaced the "
+            "strict guard with it: nothing was checked strictly. Leave it out of configure_callbacks for this "
+            "check (its settings can be passed to check_gradients as keyword arguments)."
         )
     if guard.internal_errors:
         raise RuntimeError(
