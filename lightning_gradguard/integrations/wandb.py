@@ -203,7 +203,8 @@ class WandbSink(GuardSink):
                 f"{histogram_layers!r}; wrap it in a list: [{histogram_layers!r}]."
             )
         if histogram_layers is not None and (
-            not isinstance(histogram_layers, (list, tuple)) or not all(isinstance(n, str) for n in histogram_layers)
+            not isinstance(histogram_layers, (list, tuple, set, frozenset))
+            or not all(isinstance(n, str) for n in histogram_layers)
         ):
             raise ValueError(f"`histogram_layers` must be a list of layer names or patterns (strings), "
                              f"got {histogram_layers!r}.")
