@@ -362,7 +362,6 @@ class GradGuard(Callback):
             "max_consecutive_skips", max_consecutive_skips, low=1, integer=True, optional=True
         )
         self.alert_quiet_steps = check_number("alert_quiet_steps", alert_quiet_steps, low=0, integer=True)
-        self._last_alert: dict[tuple, int] = {}
         self.lr_factor = check_number("lr_factor", lr_factor, low=0, low_open=True, high=1)
         if self.lr_factor == 1:
             raise ValueError("`lr_factor` must be below 1 to reduce the learning rate, got 1.")
@@ -402,23 +401,7 @@ class GradGuard(Callback):
             raise ValueError(f"`wandb` must be None (automatic), True or False, got {wandb!r}.")
         self.wandb = wandb
         self._active_sinks: list[GuardSink] = []
-        self.internal_errors = 0  # the guard's own failures (reported once each, never raised)
-        self._reported_errors: set[tuple] = set()
-        self._failed_loggers: set[int] = set()
-
-        self.events: list[GradEvent] = []
-        self._watches: dict[int, _Watch] = {}
-        self._opt_index: dict[int, int] = {}  # id(optimizer) -> index in trainer.optimizers
-        self._pending_state: dict[int, dict] = {}  # loaded before the optimizers exist
-        self._lr_scales: dict[int, LRScale] = {}
-        self._held_clip_val: float | None = None  # Trainer(gradient_clip_val) held back for a skipped step
-        self._ddp_frozen: list[tuple[str, Tensor]] | None = None  # frozen when DDP wrapped the model (see on_train_start)
-        self._event_counts = {"nonfinite": 0, "exploding": 0, "vanishing": 0}
-        # running loss level (the growth and vanishing gates), on the host; the losses of the steps
-        # since the last optimizer step wait on the device and ride along with its one sync
-        self._loss = LossTrend(self.config.warmup_steps, self.config.growth_window, self.converged_loss_ratio)
-        self._pending_losses: list[Tensor] = []
-        self._unwritten: list[tuple[int, dict[str, float]]] = []  # (log step, metrics) for the loggers
+        self._new_run()
         self._shared: dict[int, SharedWrite | None] = {}  # id(logger) -> its stand-in (see writes.py)
         self._callback_metrics: dict | None = None  # the Trainer's live dict, see on_train_start
         self._scaler: Any = None
@@ -427,6 +410,27 @@ class GradGuard(Callback):
         self._n_optimizers = 0  # the trainer's, at train start
         self._module: weakref.ref | None = None
         self._late_error: GradientHealthError | None = None  # a "raise" found at checkpoint time, raised next hook
+
+    def _new_run(self) -> None:
+        """The state of one run (one Trainer's fits): made at construction, and again when the guard is
+        fitted by another Trainer (a cross-validation loop reusing its callbacks)."""
+        self.internal_errors = 0  # the guard's own failures (reported once each, never raised)
+        self._reported_errors: set[tuple] = set()
+        self._failed_loggers: set[int] = set()
+        self.events: list[GradEvent] = []
+        self._watches: dict[int, _Watch] = {}
+        self._opt_index: dict[int, int] = {}  # id(optimizer) -> index in trainer.optimizers
+        self._pending_state: dict[int, dict] = {}  # loaded before the optimizers exist
+        self._lr_scales: dict[int, LRScale] = {}
+        self._held_clip_val: float | None = None  # Trainer(gradient_clip_val) held back for a skipped step
+        self._ddp_frozen: list[tuple[str, Tensor]] | None = None  # frozen when DDP wrapped the model (see on_train_start)
+        self._event_counts = {"nonfinite": 0, "exploding": 0, "vanishing": 0}
+        self._last_alert: dict[tuple, int] = {}  # (optimizer, kind, reason, layer) -> step of its last alert
+        # running loss level (the growth and vanishing gates), on the host; the losses of the steps
+        # since the last optimizer step wait on the device and ride along with its one sync
+        self._loss = LossTrend(self.config.warmup_steps, self.config.growth_window, self.converged_loss_ratio)
+        self._pending_losses: list[Tensor] = []
+        self._unwritten: list[tuple[int, dict[str, float]]] = []  # (log step, metrics) for the loggers
 
     # ------------------------------------------------------------------ Lightning hooks
     @property
@@ -439,6 +443,10 @@ class GradGuard(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None and self._trainer() is not trainer:
+            # another Trainer (its global_step starts again at 0): a new run, not more of the last one. A
+            # checkpoint it resumes from is loaded after this hook. The same Trainer fitting again goes on
+            self._new_run()
         plugin = trainer.precision_plugin
         self._scaler = getattr(plugin, "scaler", None)
         self._late_error = None  # of an earlier fit

@@ -440,8 +440,9 @@ def test_a_raise_held_when_a_run_crashed_is_not_raised_in_the_next_fit(tmp_path)
     with pytest.raises(ValueError, match="a data error"):  # the checkpoint at step 5 read step 4's NaN first
         trainer(max_steps=10, callbacks=[guard, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5)],
                 enable_checkpointing=True).fit(Crashing({4: "inf"}), digits_loader())
-    trainer(max_steps=10, callbacks=[guard]).fit(FusedMLP({}), digits_loader())  # a healthy run: no stale raise
     assert [(e.step, e.kind) for e in guard.events] == [(4, "nonfinite")]
+    trainer(max_steps=10, callbacks=[guard]).fit(FusedMLP({}), digits_loader())  # a healthy run: no stale raise
+    assert guard.events == [] and guard.summary()["steps"] == 10  # another Trainer: a new run
 
 
 def test_a_landed_step_is_written_to_the_loggers_inside_the_next_hook(tmp_path, monkeypatch):

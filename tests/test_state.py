@@ -71,6 +71,24 @@ def test_a_resume_with_other_layers_restarts_the_detector_but_the_counts_go_on(t
     assert watch.counts["steps"] == 30 == resumed.summary()["steps"]  # the run's count went on
 
 
+def test_a_guard_reused_by_another_trainer_starts_a_new_run():
+    """A cross-validation loop reusing its callbacks: each fold's Trainer starts at step 0. The guard kept the
+    last fold's events, counts, loss trend and alert throttle (the same fault at step 12 alerted in fold 1 only)."""
+    from helpers import FaultyMLP
+
+    guard = GradGuard()
+    for fold in range(2):
+        trainer(max_steps=20, callbacks=[guard]).fit(FaultyMLP({12: "nan_layer"}), digits_loader())
+        assert [(e.step, e.actions) for e in guard.events] == [(12, ("skip", "alert"))], fold
+        assert guard.summary()["steps"] == 20 and guard._watches[0].detector.steps == 20
+    # the same Trainer fitting again goes on (more steps of the same run)
+    t = trainer(max_steps=10, callbacks=[guard])
+    t.fit(DigitsMLP(), digits_loader())
+    t.fit_loop.epoch_loop.max_steps = 25
+    t.fit(DigitsMLP(), digits_loader())
+    assert guard.summary()["steps"] == 25
+
+
 def test_a_changed_growth_window_keeps_the_loss_levels():
     """The loss trend's ring has growth_window slots: another size was refused whole, levels included, and the
     run's initial loss level became the first loss after the resume."""
