@@ -71,7 +71,7 @@ def test_a_resume_with_other_layers_restarts_the_detector_but_the_counts_go_on(t
     assert watch.counts["steps"] == 30 == resumed.summary()["steps"]  # the run's count went on
 
 
-def test_a_guard_reused_by_another_trainer_starts_a_new_run():
+def test_a_guard_reused_by_another_trainer_starts_a_new_run(tmp_path):
     """A cross-validation loop reusing its callbacks: each fold's Trainer starts at step 0. The guard kept the
     last fold's events, counts, loss trend and alert throttle (the same fault at step 12 alerted in fold 1 only)."""
     from helpers import FaultyMLP
@@ -87,6 +87,10 @@ def test_a_guard_reused_by_another_trainer_starts_a_new_run():
     t.fit_loop.epoch_loop.max_steps = 25
     t.fit(DigitsMLP(), digits_loader())
     assert guard.summary()["steps"] == 25
+    # and another Trainer resuming that run's checkpoint goes on from it (restored after the new run began)
+    t.save_checkpoint(tmp_path / "at25.ckpt")
+    trainer(max_steps=40, callbacks=[guard]).fit(DigitsMLP(), digits_loader(), ckpt_path=tmp_path / "at25.ckpt")
+    assert guard.summary()["steps"] == 40 and guard._watches[0].detector.steps == 40
 
 
 def test_a_changed_growth_window_keeps_the_loss_levels():
