@@ -309,11 +309,10 @@ def check_deferred(args, report: Report) -> None:
     except Exception as exc:  # the timings below are still worth their minutes
         traceback.print_exc()
         report.add(f"## (d) Host syncs per optimizer step with sync='deferred'\n\nfailed: {type(exc).__name__}: {exc}")
-    try:
-        import wandb  # noqa: F401
-        logger = "wandb"
-    except ImportError:  # not on every GPU image: the runs still compare the variants, with a CSV logger
-        logger = "csv"
+    import overhead
+
+    logger = "wandb" if overhead.wandb is not None else "csv"  # overhead.py's own optional import
+    if logger == "csv":  # not on every GPU image: the runs still compare the variants, with a CSV logger
         report.add("(d): wandb does not import here; the overhead runs below use `--logger csv`.")
     for model, batch in DEFERRED_GROUPS[args.accelerator]:
         out = args.out_dir / f"overhead-{_card_slug(args.accelerator)}-deferred-{model}-b{batch}"

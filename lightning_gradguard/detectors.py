@@ -673,9 +673,9 @@ class LossTrend:
         self.first, self.fast = (float(v) for v in levels.double().tolist())
         old = [float(v) for v in ring.double().tolist()]
         jitter = state.get("jitter")  # absent from checkpoints written before it was kept: no jitter margin yet
-        jitter = [float(v) for v in jitter.double().tolist()] if isinstance(jitter, Tensor) else [0.0] * (len(old) + 1)
-        if len(jitter) != len(old) + 1:
-            jitter = [0.0] * (len(old) + 1)
+        if not (isinstance(jitter, Tensor) and jitter.numel() == len(old) + 1):
+            jitter = torch.zeros(len(old) + 1)
+        jitter = [float(v) for v in jitter.double().tolist()]
         self.jitter, old_jitter = jitter[0], jitter[1:]
         # a ring of another size (growth_window changed since the checkpoint): the latest levels it holds
         # go where this window expects them, the older slots wait as at the start (NaN)
