@@ -19,9 +19,11 @@ kernel launch (on a CPU device, the dispatcher's overhead) for no gain.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradguard.actions import DeviceVerdict, LRScale, Snapshots, clip_, skip_
-from lightning_gradguard.config import check_choice, check_number, check_responses
+from lightning_gradguard.config import check_choice, check_number, check_responses, unused_settings
 from lightning_gradguard.detectors import REPORT_ROWS, Code, DetectorConfig, LossTrend, Row, TrendDetector
 from lightning_gradguard.events import KINDS, GradEvent, GradientHealthError, Response
 from lightning_gradguard.sinks import GuardSink
@@ -400,6 +402,14 @@ class GradGuard(Callback):
         if wandb not in (None, True, False):
             raise ValueError(f"`wandb` must be None (automatic), True or False, got {wandb!r}.")
         self.wandb = wandb
+        defaults = {name: p.default for name, p in inspect.signature(GradGuard.__init__).parameters.items()}
+        settings = {name: getattr(self, name) for name in ("lr_factor", "lr_cooldown", "lr_min_scale",
+                    "lr_recover_after", "rollback_every", "rollback_keep", "rollback_margin", "max_rollbacks",
+                    "max_consecutive_skips", "top_k")}
+        responses = {"on_nonfinite": self.on_nonfinite, "on_exploding": self.on_exploding,
+                     "on_vanishing": self.on_vanishing}
+        for message in unused_settings(settings, defaults, responses, self.log_layers):
+            warnings.warn(f"GradGuard: {message}", UserWarning, stacklevel=2)
         self._active_sinks: list[GuardSink] = []
         self._new_run()
         self._shared: dict[int, SharedWrite | None] = {}  # id(logger) -> its stand-in (see writes.py)

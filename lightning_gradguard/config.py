@@ -10,7 +10,7 @@ from typing import Any
 
 from lightning_gradguard.events import CONFLICTS, RESPONSES
 
-__all__ = ["check_number", "check_responses", "check_choice"]
+__all__ = ["check_number", "check_responses", "check_choice", "unused_settings"]
 
 
 def _names(values) -> str:
@@ -74,6 +74,41 @@ def check_choice(arg: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"`{arg}` must be one of {_names(choices)}, got {value!r}.")
     return value
+
+
+# settings only a response, or an option, reads: (what they need, how the message says it)
+_READ_BY = {
+    "lr_factor": ({"reduce_lr"}, "'reduce_lr'"),
+    "lr_cooldown": ({"reduce_lr"}, "'reduce_lr'"),
+    "lr_min_scale": ({"reduce_lr"}, "'reduce_lr'"),
+    "lr_recover_after": ({"reduce_lr"}, "'reduce_lr'"),
+    "rollback_every": ({"rollback"}, "'rollback'"),
+    "rollback_keep": ({"rollback"}, "'rollback'"),
+    "rollback_margin": ({"rollback"}, "'rollback'"),
+    "max_rollbacks": ({"rollback"}, "'rollback'"),
+    "max_consecutive_skips": ({"skip", "rollback"}, "'skip' or 'rollback'"),
+}
+
+
+def unused_settings(values: dict[str, Any], defaults: dict[str, Any], responses: dict[str, Sequence[str]],
+                    log_layers: str) -> list[str]:
+    """One message per setting given a value other than its default that nothing configured reads
+    (``lr_factor`` without a ``'reduce_lr'`` response, ``top_k`` without ``log_layers='topk'``):
+    the user meant something the guard will not do. ``responses``: ``{"on_nonfinite": (...), ...}``."""
+    configured = {name for names in responses.values() for name in names}
+    out = []
+    for arg, (needs, which) in _READ_BY.items():
+        if arg in values and values[arg] != defaults[arg] and not needs & configured:
+            # the lists that may hold it ("on_exploding" for kind "exploding"), as they are now
+            lists = {on: names for on, names in responses.items()
+                     if any(on[3:] in RESPONSES[n]["kinds"] for n in needs)}
+            now = ", ".join(f"{on}={tuple(names)!r}" for on, names in lists.items())
+            out.append(f"`{arg}={values[arg]!r}` has no effect: no response list holds {which} ({now}). "
+                       f"Add {which} to {' or '.join(lists)}, or drop `{arg}`.")
+    if "top_k" in values and values["top_k"] != defaults["top_k"] and log_layers != "topk":
+        out.append(f"`top_k={values['top_k']!r}` has no effect with `log_layers={log_layers!r}`. "
+                   f"Set log_layers='topk', or drop `top_k`.")
+    return out
 
 
 def _hint(hint: str) -> str:

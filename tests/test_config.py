@@ -102,3 +102,28 @@ def test_record_argument():
         GradGuard(record=True, sinks=[RecordSink(digits=2)])
     with pytest.raises(ValueError, match=r"`wandb` must be None \(automatic\), True or False, got 'yes'"):
         GradGuard(wandb="yes")
+
+
+def test_a_setting_nothing_reads_is_reported(recwarn):
+    """``lr_recover_after=100`` without a ``'reduce_lr'`` response did nothing, silently: the user
+    expected the LR to be reduced and recovered. Such settings now warn at construction, naming
+    the setting, the response lists as they are and the fix; configured or left at the default, nothing."""
+    with pytest.warns(UserWarning, match=r"`lr_recover_after=100` has no effect: no response list holds 'reduce_lr' "
+                      r"\(on_nonfinite=\('skip', 'alert'\), on_exploding=\('clip', 'alert'\)\)\. Add 'reduce_lr' "
+                      r"to on_nonfinite or on_exploding, or drop `lr_recover_after`"):
+        GradGuard(lr_recover_after=100)
+    with pytest.warns(UserWarning, match=r"`rollback_every=10` has no effect: no response list holds 'rollback'"):
+        GradGuard(on_exploding=("clip", "reduce_lr"), rollback_every=10)
+    with pytest.warns(UserWarning, match=r"`max_consecutive_skips=5` has no effect: no response list holds 'skip' or "
+                      r"'rollback'"):
+        GradGuard(on_nonfinite="log", max_consecutive_skips=5)
+    with pytest.warns(UserWarning, match=r"`top_k=3` has no effect with `log_layers='all'`"):
+        GradGuard(log_layers="all", top_k=3)
+    recwarn.clear()
+    GradGuard()
+    GradGuard(on_exploding=("clip", "reduce_lr"), lr_recover_after=100, lr_factor=0.3, lr_cooldown=5, lr_min_scale=0.1)
+    GradGuard(on_nonfinite="rollback", rollback_every=10, rollback_keep=3, rollback_margin=2, max_rollbacks=5)
+    GradGuard(on_exploding=("skip", "alert"), on_nonfinite="log", max_consecutive_skips=5)
+    GradGuard(log_layers="topk", top_k=3)
+    GradGuard(log_layers="all", lr_factor=0.5, rollback_keep=2)  # the defaults, written out (a YAML config)
+    assert [str(w.message) for w in recwarn if "GradGuard" in str(w.message)] == []
