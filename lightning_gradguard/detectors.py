@@ -295,7 +295,7 @@ class TrendDetector:
             warm = cnt >= warmup
             # --- spike: z-score on the slow level after warm-up, ratio to the max seen before
             s_log = lv + max(zscore * sc, spike_min) if warm else maxseen[i] + warmup_spike
-            spike_at[i] = 10.0**s_log if s_log < 308.0 else inf
+            spike_at[i] = 10.0**s_log if cnt >= 1 and s_log < 308.0 else inf  # none before the first observation
             if good and cnt >= 1 and x > s_log:
                 code[i] = SPIKE
             if present[i] and not fin:
@@ -389,7 +389,8 @@ class TrendDetector:
         report[Row.NORM], report[Row.LEVEL], report[Row.SCALE] = norm, level, scale
 
         bound = c.clamp_sigmas * scale
-        if self._all_warm:  # steady state: every series past warm-up
+        steady = self._all_warm
+        if steady:  # steady state: every series past warm-up
             # --- spike: a z-score on the slow level
             spike_log = level + np.maximum(c.spike_zscore * scale, self._log_spike_min)
             code = (ok & (x > spike_log)) * Code.SPIKE
@@ -429,6 +430,8 @@ class TrendDetector:
             self._all_warm = bool(self.count.min() >= max(c.warmup_steps, 1))
             known = present & (self.count > 0)
         report[Row.SPIKE_AT] = np.power(10.0, spike_log)
+        if not steady:
+            report[Row.SPIKE_AT][count < 1] = np.inf  # no threshold before a series' first observation
         report[Row.FAST] = self.fast
 
         if not all_finite:
@@ -514,8 +517,7 @@ class TrendDetector:
         threshold = float(report[Row.SPIKE_AT, 0])
         if self.config.max_norm is not None:
             threshold = min(threshold, self.config.max_norm)
-        # before the first observation there is no threshold
-        return math.inf if math.isnan(threshold) else threshold
+        return math.inf if math.isnan(threshold) else threshold  # (inf before the first observation)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

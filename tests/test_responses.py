@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from helpers import FaultyMLP, NormRecorder, digits_loader, trainer
+from helpers import DigitsMLP, FaultyMLP, NormRecorder, digits_loader, trainer
 from lightning_gradguard import GradGuard, GradientHealthError
 
 
@@ -215,3 +215,34 @@ def test_weights_broken_by_the_optimizer_are_named_and_the_run_ends_at_once(on_n
         assert first.actions[0] == "rollback"
         assert guard._watches[0].counts["rollbacks"] == 3 and "max_rollbacks" in last.message
         assert t.global_step < 10
+
+
+@pytest.mark.parametrize("depth", [2, 120], ids=["python-floats", "numpy"])
+@pytest.mark.parametrize("bound", ["max_norm", "max_grad_weight_ratio"])
+def test_a_ceiling_at_the_first_step_clips_to_the_ceiling_not_to_zero(bound, depth):
+    """At the first step no series has a running level, and its spike threshold was reported as 0
+    (10 ** -inf): a ceiling (``max_norm``, the gradient/weight ratio) flagged there clipped the
+    gradient to 0 (``clip_coef`` 0, the optimizer got nothing) instead of to the ceiling, while
+    ``sync="deferred"`` clipped it right. Both detector paths (Python floats; numpy beyond 112 series)."""
+    import lightning.pytorch as pl
+
+    class WeightNorm(pl.Callback):
+        def __init__(self):
+            self.total = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            weights = torch.cat([p.detach().flatten().double() for p in pl_module.parameters()])
+            self.total[trainer.global_step] = torch.linalg.vector_norm(weights).item()
+
+    before, after, weights = NormRecorder(), NormRecorder(), WeightNorm()  # around the guard
+    kwargs = {"max_norm": 1e-3} if bound == "max_norm" else {"max_grad_weight_ratio": 1e-3}
+    guard = GradGuard(**kwargs)
+    model = DigitsMLP(hidden=16, depth=depth)
+    trainer(max_steps=3, callbacks=[before, weights, guard, after]).fit(model, digits_loader())
+    assert guard._watches[0].detector.vectorized == (depth > 100)
+    reason = "max_norm" if bound == "max_norm" else "grad_weight_ratio"
+    assert [(e.step, e.reason) for e in guard.events] == [(s, reason) for s in range(3)]
+    for step in range(3):
+        ceiling = 1e-3 if bound == "max_norm" else 1e-3 * weights.total[step]
+        assert before.total[step] > ceiling
+        assert after.total[step] == pytest.approx(ceiling, rel=1e-4)  # what the optimizer got
