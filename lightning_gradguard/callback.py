@@ -159,9 +159,12 @@ class GradGuard(Callback):
         detail_every_n_steps: cadence of the statistics that cost an extra
             pass over gradients or weights: max ``|g|``, weight norms and
             update-to-weight ratios. ``None`` (default): every 50 steps, or
-            every logged step if logging is rarer; ``0`` never. (Weight norms
-            are also measured during the first ``warmup_steps`` steps for
-            ``max_grad_weight_ratio``.)
+            every logged step if logging is rarer; ``0`` never. They are only
+            logged, so they are read at the first logged step at or after each
+            multiple of this cadence. (Weight norms and update ratios are also
+            measured, and then logged at logged steps, during the first
+            ``warmup_steps`` steps for ``max_grad_weight_ratio`` and every step
+            with ``max_update_ratio``.)
         warmup_steps: steps before the running level is trusted for spikes
             (before it, a spike is a norm ``warmup_spike_ratio`` x the largest seen).
         spike_zscore: a spike is this many robust deviations above the running
@@ -710,14 +713,17 @@ class GradGuard(Callback):
         log_step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs its own metrics at
         every = self.log_every_n_steps or trainer.log_every_n_steps
         logging_on = bool(trainer.loggers)
+        is_log_step = logging_on and (log_step + 1) % every == 0
         detail_every = max(every, 50) if self.detail_every_n_steps is None else self.detail_every_n_steps
-        detail_step = logging_on and detail_every > 0 and (log_step + 1) % detail_every == 0
+        # the details are only logged: read them at the first logged step at or after each multiple of
+        # detail_every (one not a multiple of `every` would otherwise read them at steps never logged)
+        detail_step = is_log_step and detail_every > 0 and (
+            (log_step + 1) // detail_every != (log_step + 1 - every) // detail_every)
         # weight norms: for logging at the detail cadence, and every step where a check needs them
         param_step = detail_step or self.config.max_update_ratio is not None or (
             self.config.max_grad_weight_ratio is not None and watch.counts["steps"] < self.config.warmup_steps
         )
-        return _StepInfo(trainer.global_step, log_step, logging_on and (log_step + 1) % every == 0, detail_step,
-                         param_step)
+        return _StepInfo(trainer.global_step, log_step, is_log_step, detail_step, param_step)
 
     def _analyse(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
                  watch: _Watch, info: _StepInfo, series: dict, applied: tuple[float, bool] | None = None,

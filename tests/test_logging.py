@@ -72,6 +72,35 @@ def test_costly_details_follow_their_own_cadence(tmp_path):
     assert [int(r["step"]) for r in rows if r.get("grad/max_abs_total")] == [49]
 
 
+def test_details_whose_cadence_is_not_a_multiple_of_the_logging_one_are_logged_at_the_next_logged_step(
+        tmp_path, monkeypatch):
+    """``Trainer(log_every_n_steps=30)`` with the default details (every 50 steps) read max |g| and
+    the weight norms at steps 49, 99, 149, but logged them only at 149 (the only step that was both):
+    two extra passes over the gradients thrown away, and the keys at a third of their cadence. The
+    details are now read at the first logged step at or after each multiple of their cadence, and
+    never at a step that is not logged."""
+    from lightning_gradguard import callback
+
+    reads, read_tensors = [], callback.read_tensors
+
+    def spy(plan, *, max_abs=False, **kwargs):
+        if max_abs:
+            reads.append(guard._trainer().fit_loop.epoch_loop._batches_that_stepped)
+        return read_tensors(plan, max_abs=max_abs, **kwargs)
+
+    monkeypatch.setattr(callback, "read_tensors", spy)
+    guard = GradGuard(max_grad_weight_ratio=None)
+    rec, rows = fit_and_read(tmp_path, guard, max_steps=150, log_every_n_steps=30)
+    assert [int(r["step"]) for r in rows] == [29, 59, 89, 119, 149]
+    assert [int(r["step"]) for r in rows if r.get("grad/max_abs_total")] == [59, 119, 149] == reads
+    assert [int(r["step"]) for r in rows if r.get("grad/param_norm/net.0")] == [59, 119, 149]
+    # details more often than logging: every logged step
+    reads.clear()
+    guard = GradGuard(log_every_n_steps=5, detail_every_n_steps=3, max_grad_weight_ratio=None)
+    rec, rows = fit_and_read(tmp_path / "b", guard, max_steps=20)
+    assert [int(r["step"]) for r in rows if r.get("grad/max_abs_total")] == [4, 9, 14, 19] == reads
+
+
 def test_no_logger_means_no_logging_but_detection_runs(tmp_path):
     guard = GradGuard()
     trainer(max_steps=5, callbacks=[guard]).fit(DigitsMLP(), digits_loader())
