@@ -6,7 +6,7 @@ own clipping)::
 
     gradients -> layer_sums (device: one foreach norm pass, one index_add)
               -> ONE host sync (a few floats per layer, plus the last step's loss)
-              -> TrendDetector, LossTrend (host, numpy) -> events
+              -> TrendDetector, LossTrend (host, float64) -> events
               -> actions (clip / skip / reduce_lr / rollback / stop / raise)
               -> sinks (Lightning loggers, Python logging)
 

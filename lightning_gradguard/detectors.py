@@ -32,8 +32,8 @@ the deviation and is followed within tens of steps, reported as ``GROWTH``).
 
 Where it runs: the inputs are a few floats per layer that the guard copies to
 the host anyway (its one sync per step: events, responses and logging need
-them there), so the detector is numpy on that copy (float64), a few tens of
-microseconds per step. On the device the same ~100 tiny operations would cost
+them there), so the detector runs on that copy in float64 (Python floats up to
+112 series, numpy beyond), a few tens of microseconds per step. On the device the same ~100 tiny operations would cost
 a kernel launch each (and on a CPU device, the dispatcher's overhead each).
 The caller gets one ``[REPORT_ROWS, S]`` array per step (see :data:`REPORT_ROWS`)
 and turns it into events (see :mod:`lightning_gradguard.callback`).

@@ -4,8 +4,9 @@
 strict GradGuard (every condition raises; a layer vanishing for 15 steps in a
 row counts) and raises ``GradientHealthError`` if gradients vanish, explode or
 turn NaN/Inf. The error message is the report: what was found, in which layer,
-at which step, the numbers, the usual causes of that kind of problem, and every
-layer's gradient norm (first / last / min / max).
+at which step, the numbers, the usual causes of that kind of problem, and the
+layers' gradient norms (first / last / min / max; up to 24 rows, flagged layers
+always among them; every layer's in ``err.report.layers``).
 
 Run: ``pytest examples/ci_smoke_test -q``
 
