@@ -208,8 +208,10 @@ class GradGuard(Callback):
         lr_min_scale: ...down to this fraction of the schedule's value.
         lr_recover_after: if set, after this many healthy steps the scale is
             divided by ``lr_factor`` again (gradually, back up to 1).
-        rollback_every: ``"rollback"`` takes a snapshot every this many healthy steps
-            (and at the first healthy step that has none: the start, a resume, a new param group)...
+        rollback_every: ``"rollback"`` takes a snapshot every this many steps, each at the
+            first step at or after a multiple of it that is ``rollback_margin`` healthy steps
+            past the last bad one (and at the first healthy step that has none: the start, a
+            resume, a new param group)...
         rollback_keep: ...keeps this many (host memory: ``rollback_keep`` x
             (weights + optimizer state))...
         rollback_margin: ...restores the newest one at least this many steps
@@ -1635,9 +1637,12 @@ class GradGuard(Callback):
 
     def _healthy_step(self, pl_module, optimizer, watch: _Watch, step: int) -> None:
         snaps = watch.snapshots
-        # the first healthy step with none (the start, a resume, a new param group) takes one at once
+        # the first healthy step with none (the start, a resume, a new param group) takes one at once; then
+        # one per multiple of rollback_every, at the first step at or after it that is rollback_margin healthy
+        # steps past the last bad one (a bad step just before a multiple does not cost a whole period)
         if snaps is not None and (not len(snaps) or (
-            step % self.rollback_every == 0 and step - watch.healthy_since >= self.rollback_margin
+            step // self.rollback_every > snaps.steps[-1] // self.rollback_every
+            and step - watch.healthy_since >= self.rollback_margin
         )):
             snaps.take(step, pl_module, optimizer)
             watch.rollbacks_in_a_row = 0

@@ -225,3 +225,14 @@ def test_rollback_with_nothing_to_restore_still_keeps_the_nan_out(tmp_path):
     # the snapshot of the first healthy step after the resume (22) is the one restored at 34
     assert resumed._watches[0].counts["rollbacks"] == 1 and resumed._watches[0].snapshots.steps[0] == 22
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_bad_step_just_before_a_snapshot_step_delays_the_snapshot_by_the_margin_not_a_period():
+    """A NaN at step 45 kept the snapshot of step 50 from being taken (it would come less than
+    `rollback_margin` healthy steps after a bad one), and the next was only taken at step 100: 54
+    steps without a fresh snapshot. It is now taken at the first step with the margin (56: healthy
+    since 46), and the period goes on from the multiples of `rollback_every` (100)."""
+    guard = GradGuard(on_nonfinite=("rollback", "alert"), rollback_keep=5)
+    trainer(max_steps=101, callbacks=[guard]).fit(FaultyMLP({45: "nan_layer"}), digits_loader(shuffle=True))
+    assert [(e.step, e.actions) for e in guard.events] == [(45, ("skip", "alert"))]
+    assert guard._watches[0].snapshots.steps == [0, 56, 100]
