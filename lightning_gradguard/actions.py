@@ -176,6 +176,11 @@ class LRScale:
         self._saved = None
 
     def remove(self) -> None:
+        """Unhook, leaving the groups' ``lr`` unscaled: removed from inside ``step()`` (an exception raised
+        in Lightning's training closure, the guard's ``"raise"``), the post-hook that gives the schedule's
+        values back never runs, and a checkpoint saved then would hold the scaled LR as the schedule's."""
+        if self._saved is not None:
+            self._post(self._optimizer, (), {})
         for handle in self._handles:
             handle.remove()
 
@@ -190,6 +195,7 @@ class Snapshots:
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
         self._snaps: deque[tuple[int, dict, dict]] = deque(maxlen=keep)
+        self.restored_lrs: list[float] = []  # each param group's lr in the snapshot last restored
 
     def __len__(self) -> int:
         return len(self._snaps)
@@ -207,12 +213,21 @@ class Snapshots:
         """Load the newest snapshot taken at or before ``before_step``; its step, or ``None`` if there is none.
 
         A snapshot of step 0 (the initial weights, before any update could
-        damage them) is always eligible.
+        damage them) is always eligible. The weights and the optimizer's state
+        (momenta) are restored, not its param groups' hyperparameters (``lr``,
+        momentum, ``initial_lr``): they belong to the schedule, and a recursive
+        one (``StepLR``, ``CosineAnnealingLR``) would go on from the old values,
+        shifted for the rest of the run. The snapshot's ``lr`` of each group is
+        in :attr:`restored_lrs`.
         """
         for step, model_state, opt_state in reversed(self._snaps):
             if step <= before_step or step == 0:
                 module.load_state_dict(model_state)
+                hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
                 optimizer.load_state_dict(copy.deepcopy(opt_state))
+                self.restored_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+                for group, values in zip(optimizer.param_groups, hyper):
+                    group.update(values)
                 # drop the newer ones: they may hold the damage we are undoing
                 while self._snaps and self._snaps[-1][0] > step:
                     self._snaps.pop()

@@ -505,7 +505,9 @@ class GradGuard(Callback):
             for index, optimizer in enumerate(trainer.optimizers):
                 if index not in self._lr_scales:
                     scale = self._lr_scales[index] = LRScale(optimizer)
-                    scale.value = float(self._pending_state.get(index, {}).get("lr_scale", 1.0))
+                    watch = self._watches.get(index)  # the same Trainer fitting again goes on with its scale
+                    kept = watch.lr_scale.value if watch is not None and watch.lr_scale is not None else 1.0
+                    scale.value = float(self._pending_state.get(index, {}).get("lr_scale", kept))
         if self.sync == "deferred" and self._skips_on_device:
             for index, optimizer in enumerate(trainer.optimizers):
                 if not DeviceVerdict.supported(optimizer):
@@ -530,11 +532,16 @@ class GradGuard(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release_value_clipping(trainer)
         self._release_verdicts()
-        for scale in self._lr_scales.values():
-            scale.remove()  # leave the user's optimizers as they were
-        self._lr_scales = {}
+        self._release_lr_scales()
         self._callback_metrics = None
         self._detach_loggers(trainer)
+
+    def _release_lr_scales(self) -> None:
+        """Unhook the LR scales, leaving the user's optimizers as they were (the schedule's LRs in the groups,
+        also when left from inside ``step()``); the scale values stay with the watches and in checkpoints."""
+        for scale in self._lr_scales.values():
+            scale.remove()
+        self._lr_scales = {}
 
     def _release_verdicts(self) -> None:
         """``sync="deferred"``: forget the steps in flight, leave the user's optimizers as they were."""
@@ -567,6 +574,7 @@ class GradGuard(Callback):
         except Exception:  # noqa: BLE001 - the user's exception is the one that matters here
             pass
         self._release_verdicts()
+        self._release_lr_scales()  # Lightning's teardown hook does not run after an exception
         self._late_error = None
         self._detach_loggers(trainer)
         self._sink_call("on_fit_end", trainer, self.summary())
@@ -1624,13 +1632,15 @@ class GradGuard(Callback):
         in a row (the caller then skips the step, and stops in the latter case)."""
         if watch.rollbacks_in_a_row >= self.max_rollbacks:
             return False
-        # inside optimizer.step the param groups hold the effective (scaled) LR
-        lr_now = float(optimizer.param_groups[0]["lr"])
+        # inside optimizer.step the param groups hold the effective (scaled) LR, as they did when the snapshot was taken
+        lrs_now = [float(group["lr"]) for group in optimizer.param_groups]
         restored = watch.snapshots.restore(step - self.rollback_margin, pl_module, optimizer)
         if restored is None:
             return False
-        # restoring put the snapshot's effective LR back into the param groups: keep the ratio
-        watch.rollback_lr_ratio = float(optimizer.param_groups[0]["lr"]) / lr_now if lr_now > 0 else None
+        # the groups keep the schedule's LR; the snapshot's effective LR over today's, for "reduce_lr" to undo
+        # an LR jump: the smallest ratio over the groups that train (a group at lr 0 says nothing)
+        ratios = [then / now for then, now in zip(watch.snapshots.restored_lrs, lrs_now) if now > 0]
+        watch.rollback_lr_ratio = min(ratios) if ratios else None
         watch.rollbacks_in_a_row += 1
         watch.counts["rollbacks"] += 1
         return True

@@ -48,6 +48,7 @@ class Scheduled(DigitsMLP):
             "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=100, cycle_momentum=False),
             "cyclic": lambda: torch.optim.lr_scheduler.CyclicLR(opt, 0.01, 0.1, step_size_up=5, cycle_momentum=False),
             "restarts": lambda: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=7),
+            "steplr": lambda: torch.optim.lr_scheduler.StepLR(opt, 10, 0.5),  # recursive: lr = lr * 0.5
         }[self.kind]()
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -236,3 +237,91 @@ def test_a_bad_step_just_before_a_snapshot_step_delays_the_snapshot_by_the_margi
     trainer(max_steps=101, callbacks=[guard]).fit(FaultyMLP({45: "nan_layer"}), digits_loader(shuffle=True))
     assert [(e.step, e.actions) for e in guard.events] == [(45, ("skip", "alert"))]
     assert guard._watches[0].snapshots.steps == [0, 56, 100]
+
+
+def test_the_same_trainer_fitting_again_keeps_the_lr_scale():
+    """A second ``fit`` of the same Trainer goes on with the guard's events, counts and cooldown, but
+    its LR scale was back to 1: the LR reduced at step 12 was the full schedule again in fit 2."""
+    guard = GradGuard(on_exploding=("clip", "reduce_lr"), lr_factor=0.5, lr_cooldown=100)
+    model = Scheduled("lambda")
+    t = trainer(max_steps=20, callbacks=[guard])
+    t.fit(model, digits_loader())
+    t.fit_loop.epoch_loop.max_steps = 40
+    t.fit(model, digits_loader())
+    assert [e.step for e in guard.events] == [SPIKE] and guard._watches[0].lr_scale.value == 0.5
+    for step in (25, 39):  # fit 2
+        assert model.applied[step] == pytest.approx(0.5 * model.scheduled[step], rel=1e-4)
+
+
+def test_raise_leaves_the_schedules_lr_in_the_optimizer():
+    """``"raise"`` ends the step inside ``optimizer.step``, where the guard's LR scale is applied to
+    the groups: their ``lr`` stayed scaled, so the checkpoint the README recommends saving then held
+    the scaled LR as the schedule's, and the guard's scale (0.5) in its own state too: resumed, the
+    run trained at 0.25 x the schedule."""
+    from lightning_gradguard import GradientHealthError
+
+    class NaNAt20(Scheduled):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step == 20 else loss
+
+    guard = GradGuard(on_exploding=("clip", "reduce_lr"), on_nonfinite="raise", lr_factor=0.5, lr_cooldown=100)
+    model = NaNAt20("steplr")
+    t = trainer(max_steps=30, callbacks=[guard])
+    with pytest.raises(GradientHealthError):
+        t.fit(model, digits_loader())
+    assert guard._watches[0].lr_scale.value == 0.5
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(model.scheduled[20])  # 0.05 * 0.5 ** 2
+
+
+def test_rollback_keeps_the_schedule_of_a_recursive_scheduler():
+    """A rollback loaded the snapshot's optimizer state *with its param groups*, so the groups' ``lr``
+    went back to the snapshot's: a recursive schedule (``StepLR``: lr = lr * gamma) then went on from
+    it, 2x its own values for the rest of the run (without ``"reduce_lr"``, nothing put it back). The
+    groups now keep the schedule's hyperparameters; weights and momenta are restored."""
+
+    class NaNTwice(Scheduled):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step in (30, 31) else loss
+
+        def on_before_optimizer_step(self, optimizer):
+            if self.net[0].weight.grad is not None:  # None: skipped, or rolled back
+                super().on_before_optimizer_step(optimizer)
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if self.global_step - 1 not in (30, 31):
+                super().on_train_batch_end(outputs, batch, batch_idx)
+
+    guard = GradGuard(on_nonfinite=("rollback", "alert"), rollback_every=10, rollback_margin=5)
+    model = NaNTwice("steplr", spike_at=-1)
+    trainer(max_steps=50, callbacks=[guard]).fit(model, digits_loader())
+    assert [(e.step, e.actions[0]) for e in guard.events] == [(30, "skip"), (31, "rollback")]
+    for step in range(32, 50):
+        assert model.scheduled[step] == pytest.approx(0.05 * 0.5 ** (step // 10))
+        assert model.applied[step] == pytest.approx(model.scheduled[step], rel=1e-4)
+
+
+def test_rollback_undoes_an_lr_jump_when_the_first_param_group_does_not_train():
+    """The LR jump a rollback undoes was read from param group 0 alone: a first group held at lr 0
+    (a backbone frozen through its LR) gave no ratio, and the scale only fell by ``lr_factor`` (0.1),
+    leaving the effective LR 30x what the snapshot trained with."""
+
+    class FrozenFirstGroup(LRJump):
+        def __init__(self):
+            super().__init__()
+            self.offset = nn.Parameter(torch.zeros(10))
+
+        def forward(self, x):
+            return self.net(x) + self.offset
+
+        def configure_optimizers(self):
+            groups = [{"params": [self.offset], "lr": 0.0}, {"params": list(self.net.parameters())}]
+            opt = torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 300.0 if s >= self.JUMP else 1.0)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    guard = GradGuard(on_exploding=("rollback", "reduce_lr", "alert"), lr_factor=0.1, rollback_every=20)
+    trainer(max_steps=100, callbacks=[guard]).fit(FrozenFirstGroup(), digits_loader(shuffle=True))
+    assert [e.actions[0] for e in guard.events[:2]] == ["skip", "rollback"]
+    assert guard._watches[0].lr_scale.value == pytest.approx(1 / 300)
