@@ -1109,9 +1109,13 @@ class GradGuard(Callback):
     def _plan(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer):
         """The layer plan of every parameter ``optimizer`` holds, its number of param groups and where
         its gradients live. Frozen parameters (``requires_grad=False``) are in it: they have no gradient
-        and so count as absent until unfrozen, when they are watched like any other."""
+        and so count as absent until unfrozen, when they are watched like any other. Empty parameters (a
+        rank-0 adapter, an empty prompt) are not: their gradient's norm is always 0, a "dead" layer. (Under
+        a strategy that shards plain tensors (FSDP1) a rank's view can be empty while the parameter is not,
+        and every rank must plan the same layers: there they stay.)"""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), depth=self.group_depth, only=params)
+        planned = params if self._reduce is not None else [p for p in params if p.numel() > 0]
+        plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), depth=self.group_depth, only=planned)
         if plan.dtensor and self._reduce is None:  # sharded by a strategy not known by name (FSDP2 by hand)
             self._reduce = self._all_reduce(trainer, sharded=True)
         return plan, len(optimizer.param_groups), params[0].device if params else torch.device("cpu")

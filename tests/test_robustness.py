@@ -181,3 +181,26 @@ def test_a_failed_step_feeds_each_loss_to_the_trend_exactly_once(monkeypatch):
     assert guard.internal_errors == 1
     # the losses of steps 0..4 were read with steps 1..5; step 5's waits for a next step
     assert guard._loss.seen == 5 and len(guard._pending_losses) == 1
+
+
+def test_empty_parameters_are_not_dead_layers():
+    """A parameter with no elements (a rank-0 adapter, an empty prompt) that takes part in forward
+    gets a gradient whose norm is always 0: it was a "dead" layer, reported as vanishing at step 49
+    (and the run ended under ``on_vanishing="raise"``). Empty parameters are left out of the plan."""
+    from torch import nn
+
+    class WithEmpty(DigitsMLP):
+        def __init__(self):
+            super().__init__()
+            self.prompt = nn.Parameter(torch.zeros(0, 64))
+            self.adapter = nn.Linear(64, 0, bias=False)
+
+        def forward(self, x):
+            return self.net(x + self.prompt.sum() + self.adapter(x).sum())
+
+    guard = GradGuard(on_vanishing="raise")
+    model = WithEmpty()
+    trainer(max_steps=60, callbacks=[guard]).fit(model, digits_loader())
+    assert model.prompt.grad is not None and model.adapter.weight.grad is not None  # they do get gradients
+    assert guard.events == [] and guard.internal_errors == 0
+    assert guard._watches[0].plan.layers == ("net.0", "net.2", "net.4")
