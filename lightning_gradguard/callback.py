@@ -87,6 +87,8 @@ class _Watch:
     rollback_lr_ratio: float | None = None  # effective LR of the restored snapshot / effective LR before
     anchor: np.ndarray | None = None  # per-series clip limit pinned during a growth incident (inf: none)
     anchor_until: np.ndarray | None = None
+    anchor_since: int = 0  # step the current anchors were first set (for the long-hold warning)
+    anchor_warned: bool = False
     last_lr_change: int = -(10**9)
     healthy_since: int = 0
     group_index: Tensor | None = None  # param group of each plan parameter (for update ratios, sharded)
@@ -1426,6 +1428,8 @@ class GradGuard(Callback):
         anchored = False
         if watch.anchor is not None or flags & Code.GROWTH:
             anchored = self._update_anchor(watch, host[Row.CODE].astype(np.int64), host, step)
+            if anchored and "clip" in self.on_exploding:
+                self._warn_long_anchor(trainer, watch, step)
         clip_coef, skipped, norm_clipped = 1.0, False, None
         clipping = "clip" in self.on_exploding and (exploding_now or anchored)
         if applied is not None:
@@ -1544,6 +1548,7 @@ class GradGuard(Callback):
             if watch.anchor is None:
                 watch.anchor = np.full(code.shape, np.inf)
                 watch.anchor_until = np.full(code.shape, -1, dtype=np.int64)
+                watch.anchor_since, watch.anchor_warned = step, False
             watch.anchor = np.where(growing, np.minimum(watch.anchor, 10.0 ** host[Row.GROWTH_BASE]), watch.anchor)
         if watch.anchor is None:
             return False
@@ -1555,6 +1560,23 @@ class GradGuard(Callback):
             watch.anchor = watch.anchor_until = None
             return False
         return True
+
+    def _warn_long_anchor(self, trainer: Trainer, watch: _Watch, step: int) -> None:
+        """Once per incident: the growth anchors have held the clip limit for ``4 x growth_window`` steps. The
+        norms stay above the level before the growth, and no event says so. In a divergence held down by
+        the clip that is the clip working; after a healthy change of phase (more classes, another data mix,
+        another loss) it is a healthy run clipped for good, which only the user can tell apart."""
+        held = step - watch.anchor_since
+        if watch.anchor_warned or held < 4 * self.config.growth_window:
+            return
+        watch.anchor_warned = True
+        if trainer.is_global_zero:
+            log.warning(
+                "GradGuard: step %d%s: the gradients have been clipped to their level before the growth found at "
+                "step %d for %d steps, and their norm stays above it. If the loss has come down and the run is "
+                "healthy (a new phase: more classes, another data mix or loss), the clip is holding it back: "
+                "raise `growth_factor`, or leave 'clip' out of `on_exploding`.", step,
+                f" (optimizer {watch.index})" if watch.index else "", watch.anchor_since, held)
 
     def _alert_due(self, event: GradEvent, step: int) -> bool:
         """One alert per (optimizer, kind, reason, layer) per ``alert_quiet_steps``; later ones are only logged."""
@@ -1832,7 +1854,8 @@ class GradGuard(Callback):
                 "last_lr_change": w.last_lr_change,
                 "healthy_since": w.healthy_since,
                 "last_fired": {bit: v.tolist() for bit, v in w.last_fired.items()},  # numpy: no sync
-                "anchor": None if w.anchor is None else [w.anchor.tolist(), w.anchor_until.tolist()],  # numpy: no sync
+                "anchor": None if w.anchor is None else [w.anchor.tolist(), w.anchor_until.tolist(),  # numpy: no sync
+                                                         w.anchor_since, w.anchor_warned],
                 "streaks": [w.bad_streak, w.skip_streak, w.rollbacks_in_a_row],
                 # numpy or a list, on the host: no sync
                 "present": None if w.present is None else [bool(v) for v in list(w.present)[1:]],
@@ -1880,6 +1903,8 @@ class GradGuard(Callback):
         anchor = state.get("anchor")
         if anchor is not None:
             watch.anchor, watch.anchor_until = np.asarray(anchor[0], dtype=float), np.asarray(anchor[1], dtype=np.int64)
+            if len(anchor) > 2:  # (checkpoints of earlier versions lack them: the hold counts from step 0)
+                watch.anchor_since, watch.anchor_warned = int(anchor[2]), bool(anchor[3])
         watch.bad_streak, watch.skip_streak, watch.rollbacks_in_a_row = state.get("streaks", [0, 0, 0])
         if watch.lr_scale is not None:
             watch.lr_scale.value = float(state.get("lr_scale", 1.0))
