@@ -88,6 +88,7 @@ class _Watch:
     anchor: np.ndarray | None = None  # per-series clip limit pinned during a growth incident (inf: none)
     anchor_until: np.ndarray | None = None
     anchor_since: int = 0  # step the current anchors were first set (for the long-hold warning)
+    anchor_first: np.ndarray | None = None  # each anchor as set (the floor it is tightened back to)
     anchor_warned: bool = False
     last_lr_change: int = -(10**9)
     healthy_since: int = 0
@@ -1152,7 +1153,7 @@ class GradGuard(Callback):
                 if watch.lr_scale is not scale:
                     watch.lr_scale.remove()
                 watch.lr_scale = scale
-        watch.last_fired, watch.anchor, watch.anchor_until = {}, None, None
+        watch.last_fired, watch.anchor, watch.anchor_until, watch.anchor_first = {}, None, None, None
         watch.limits = None  # sync="deferred": limits of the old layers
         watch.group_index = watch.host_group_index = None
         watch.keys = {}
@@ -1550,20 +1551,32 @@ class GradGuard(Callback):
                 watch.anchor_until = np.full(code.shape, -1, dtype=np.int64)
                 watch.anchor_since, watch.anchor_warned = step, False
             watch.anchor = np.where(growing, np.minimum(watch.anchor, 10.0 ** host[Row.GROWTH_BASE]), watch.anchor)
+            watch.anchor_first = watch.anchor.copy() if watch.anchor_first is None else np.where(
+                growing, np.minimum(watch.anchor_first, watch.anchor), watch.anchor_first)
         if watch.anchor is None:
             return False
+        # The level before the growth is right for a divergence, which the clip then holds down, and wrong
+        # after a healthy change of phase (more classes, a harder target, a loss summed instead of
+        # averaged), whose norms stay above it for good. Only the loss tells them apart: while it falls,
+        # the anchors loosen (x2 per half window) towards the norms, and are released once those stay
+        # under them; while it rises, they tighten back, to no lower than they were set.
+        rate = 2.0 ** (2.0 / self.config.growth_window)
+        if self._loss.improving():
+            watch.anchor = np.where((code & Code.EXPLODING) > 0, watch.anchor, watch.anchor * rate)
+        elif self._loss.worsening() and watch.anchor_first is not None:
+            watch.anchor = np.maximum(watch.anchor / rate, watch.anchor_first)
         # held while flagged or while the anchor is still doing work (the norm is above it)
         flagged = (((code & Code.EXPLODING) > 0) | (host[Row.NORM] > watch.anchor)) & np.isfinite(watch.anchor)
         watch.anchor_until = np.where(flagged, step + self.config.growth_window, watch.anchor_until)
         watch.anchor = np.where(step > watch.anchor_until, np.inf, watch.anchor)
         if not np.isfinite(watch.anchor).any():
-            watch.anchor = watch.anchor_until = None
+            watch.anchor = watch.anchor_until = watch.anchor_first = None
             return False
         return True
 
     def _warn_long_anchor(self, trainer: Trainer, watch: _Watch, step: int) -> None:
         """Once per incident: the growth anchors have held the clip limit for ``4 x growth_window`` steps. The
-        norms stay above the level before the growth, and no event says so. In a divergence held down by
+        norms stay above them (the loss has not fallen enough to loosen them), and no event says so. In a divergence held down by
         the clip that is the clip working; after a healthy change of phase (more classes, another data mix,
         another loss) it is a healthy run clipped for good, which only the user can tell apart."""
         held = step - watch.anchor_since
@@ -1572,10 +1585,10 @@ class GradGuard(Callback):
         watch.anchor_warned = True
         if trainer.is_global_zero:
             log.warning(
-                "GradGuard: step %d%s: the gradients have been clipped to their level before the growth found at "
-                "step %d for %d steps, and their norm stays above it. If the loss has come down and the run is "
-                "healthy (a new phase: more classes, another data mix or loss), the clip is holding it back: "
-                "raise `growth_factor`, or leave 'clip' out of `on_exploding`.", step,
+                "GradGuard: step %d%s: the gradients have been clipped by the anchors set at their level before "
+                "the growth found at step %d for %d steps, and their norm stays above them. If the loss has come "
+                "down and the run is healthy (a new phase: more classes, another data mix or loss), the clip is "
+                "holding it back: raise `growth_factor`, or leave 'clip' out of `on_exploding`.", step,
                 f" (optimizer {watch.index})" if watch.index else "", watch.anchor_since, held)
 
     def _alert_due(self, event: GradEvent, step: int) -> bool:
@@ -1855,7 +1868,7 @@ class GradGuard(Callback):
                 "healthy_since": w.healthy_since,
                 "last_fired": {bit: v.tolist() for bit, v in w.last_fired.items()},  # numpy: no sync
                 "anchor": None if w.anchor is None else [w.anchor.tolist(), w.anchor_until.tolist(),  # numpy: no sync
-                                                         w.anchor_since, w.anchor_warned],
+                                                         w.anchor_since, w.anchor_warned, w.anchor_first.tolist()],
                 "streaks": [w.bad_streak, w.skip_streak, w.rollbacks_in_a_row],
                 # numpy or a list, on the host: no sync
                 "present": None if w.present is None else [bool(v) for v in list(w.present)[1:]],
@@ -1903,8 +1916,11 @@ class GradGuard(Callback):
         anchor = state.get("anchor")
         if anchor is not None:
             watch.anchor, watch.anchor_until = np.asarray(anchor[0], dtype=float), np.asarray(anchor[1], dtype=np.int64)
-            if len(anchor) > 2:  # (checkpoints of earlier versions lack them: the hold counts from step 0)
-                watch.anchor_since, watch.anchor_warned = int(anchor[2]), bool(anchor[3])
+            # (checkpoints of earlier versions lack the rest: the hold counts from step 0, the floor is the anchor)
+            defaults = [0, False, anchor[0]]
+            since, warned, first = [*anchor[2:5], *defaults[len(anchor) - 2:]]
+            watch.anchor_since, watch.anchor_warned = int(since), bool(warned)
+            watch.anchor_first = np.asarray(first, dtype=float)
         watch.bad_streak, watch.skip_streak, watch.rollbacks_in_a_row = state.get("streaks", [0, 0, 0])
         if watch.lr_scale is not None:
             watch.lr_scale.value = float(state.get("lr_scale", 1.0))

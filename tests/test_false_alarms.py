@@ -4,6 +4,7 @@ import os
 import sys
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -49,3 +50,66 @@ def test_small_batch_noise_is_not_a_divergence(seed):
     small_batch_fit(guard, seed)
     assert [(e.step, e.reason) for e in guard.events] == []
     assert guard.summary()["clipped_fraction"] == 0.0
+
+
+class Curriculum(pl.LightningModule):
+    """Digits 0-4 until step 400, then all ten (healthy: the loss and the gradients jump once, for good, then
+    the loss falls again). Adam 1e-3, batches of 64 drawn from the dataset."""
+
+    def __init__(self, losses: list) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+        x, y = _digits_tensors()
+        self.data, self.easy = (x, y), (x[y < 5], y[y < 5])
+        self.draw, self.losses = torch.Generator().manual_seed(0), losses
+
+    def training_step(self, batch, batch_idx):
+        x, y = self.easy if self.global_step < 400 else self.data
+        pick = torch.randint(0, len(y), (64,), generator=self.draw)
+        loss = nn.functional.cross_entropy(self.net(x[pick]), y[pick])
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_healthy_change_of_phase_is_not_clipped_for_good(seed):
+    """At the switch to ten classes the gradients jump: spikes, then growth, and the clip limit is anchored to
+    the level before it. The norms of the new phase stay above that level for good, so every later step was
+    clipped (800 of 1200) and the run ended at 40x the loss of the same run without the guard. While the loss
+    falls the anchors now loosen, and the clip lets go."""
+    loader = DataLoader(TensorDataset(torch.zeros(1200, 1)), batch_size=1)  # the module draws its own batches
+    guard, runs = GradGuard(), {}
+    for name, callbacks in (("guard", [guard]), ("none", [])):
+        losses = runs[name] = []
+        pl.seed_everything(seed, verbose=False)
+        trainer(max_steps=1200, callbacks=callbacks).fit(Curriculum(losses), loader)
+    growth = [e.step for e in guard.events if e.reason == "growth"]
+    assert growth and all(400 <= step < 420 for step in growth)  # the switch is seen (spikes, and growth)
+    watch = guard._watches[0]
+    assert watch.anchor is None and watch.counts["clipped"] < 400  # let go (it clipped 800 steps)
+    final = {name: sum(losses[-100:]) / 100 for name, losses in runs.items()}
+    assert final["guard"] < 1.5 * final["none"], final  # (it ended at 40x)
+
+
+def test_loosened_anchors_survive_a_resume(tmp_path):
+    """The anchors as loosened, the level each was set at (the floor they tighten back to), when and whether
+    the long hold was reported go into the checkpoint (weights_only) and come back on resume."""
+    loader = DataLoader(TensorDataset(torch.zeros(1200, 1)), batch_size=1)
+    first = GradGuard()
+    pl.seed_everything(0, verbose=False)
+    t = trainer(max_steps=600, callbacks=[first])
+    t.fit(Curriculum([]), loader)
+    before = first._watches[0]
+    assert (before.anchor > 2 * before.anchor_first).all()  # loosened since the switch at step 400
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    state = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"][first.state_key]["watches"][0]["anchor"]
+    assert state[2:4] == [before.anchor_since, before.anchor_warned]
+    resumed = GradGuard()
+    trainer(max_steps=601, callbacks=[resumed]).fit(Curriculum([]), loader, ckpt_path=tmp_path / "c.ckpt")
+    after = resumed._watches[0]
+    assert (after.anchor_since, after.anchor_warned) == (before.anchor_since, before.anchor_warned)
+    assert after.anchor_first.tolist() == before.anchor_first.tolist()
+    assert after.anchor / before.anchor == pytest.approx(np.ones(4), rel=0.03)  # one step on: x2 per 25 at most
