@@ -206,6 +206,7 @@ class TrendDetector:
         self._log_drop = math.log10(c.vanish_drop)
         self._all_warm = False  # every series past warm-up, with one observation at least: the steady state
         self._unseen = num_series > 1  # some layer series has never had a gradient yet (see _admit)
+        self._prev_present: list | np.ndarray | None = None  # the last step's, where a layer had none (else None)
 
     def update(
         self,
@@ -239,6 +240,16 @@ class TrendDetector:
             return rows if lists else np.array(rows, dtype=np.float64)
         with np.errstate(all="ignore"):  # NaN/Inf are data here (a NaN norm is a finding, not an error)
             return self._update(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
+
+    def _returned(self, present) -> bool:
+        """A layer without a gradient at the last step has one now (an auxiliary head used every 10th
+        step, a task head of alternating batches, an expert routed to again). The global norm then sums
+        other layers than the step before, and its jump is no spike of it: it counts as one only if a
+        layer's own series spikes too (the returning layer's against its own history)."""
+        prev = self._prev_present
+        if prev is None:  # every layer had a gradient at the last step
+            return False
+        return any(now and not before for now, before in zip(list(present)[1:], list(prev)[1:]))
 
     def _admit(self, present) -> bool:
         """Before a step's update, while some layer has never had a gradient: if one has now (a frozen
@@ -366,6 +377,9 @@ class TrendDetector:
             if flag_vanish and streak[i] >= patience:
                 code[i] |= Code.VANISH | (Code.DEAD if dead else 0) | (Code.REL if rel else 0) | (Code.DROP if drop else 0)
 
+        if code[0] & SPIKE and self._returned(present) and not any(code[i] & SPIKE for i in range(1, n_series)):
+            code[0] &= ~SPIKE  # see _returned
+        self._prev_present = None if all(present) else list(present)
         self.flags = functools.reduce(operator.or_, code, 0)
         return [code, norm, level_before, scale_before, spike_at, fast, base, vanish_ref, streak, ratio_row,
                 grad_weight]
@@ -484,6 +498,10 @@ class TrendDetector:
             code |= vanish * Code.VANISH + (vanish & dead) * Code.DEAD + (vanish & rel) * Code.REL
             code |= (vanish & drop) * Code.DROP
         report[Row.VANISH_REF] = np.where(rel, median, self.peak)
+        spike = int(Code.SPIKE)
+        if code[0] & spike and self._returned(present) and not (code[1:] & spike).any():
+            code[0] &= ~spike  # see _returned
+        self._prev_present = None if present.all() else present.copy()
         report[Row.CODE] = code
         self.flags = int(np.bitwise_or.reduce(code))
         return report

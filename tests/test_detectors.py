@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from lightning_gradguard.detectors import Code, DetectorConfig, Row, TrendDetector
@@ -177,3 +178,27 @@ def test_loss_worsening_needs_more_than_the_loss_jitter():
     restored = LossTrend(warmup=10, window=50, converged_ratio=0.01)
     restored.load_state_dict(noisy.state_dict())
     assert (restored.jitter, restored.jitter_ring, restored.ring) == (noisy.jitter, noisy.jitter_ring, noisy.ring)
+
+
+@pytest.mark.parametrize("vectorized", [False, True], ids=["python-floats", "numpy"])
+def test_a_layer_back_after_a_step_without_gradient_is_no_global_spike_unless_it_spikes_itself(vectorized):
+    """Series: global, a trunk layer always present, a head present every 10th step only (its gradient
+    dominates the global norm then). The global norm's jumps at the head's steps are no spike of it; a
+    head whose own gradient explodes at one of them is, and so is a jump of the global norm at a step
+    where no layer came back."""
+    rng = np.random.default_rng(0)
+    det = TrendDetector(DetectorConfig(), 3, vectorized=vectorized)
+    for step in range(300):
+        head_on = step % 10 == 0
+        trunk = 0.1 * math.exp(rng.normal(0, 0.1))
+        head = (5e3 if step == 250 else 1.0) * math.exp(rng.normal(0, 0.1)) if head_on else 0.0
+        norms = [math.hypot(trunk, head), trunk, head]
+        code = det.update(norms, [True, True, head_on], [False, False, False])[Row.CODE].astype(int)
+        spikes = [bool(c & Code.SPIKE) for c in code]
+        if step == 250:
+            assert spikes == [True, False, True]  # the head's own explosion, and so the global norm's
+        elif step > 20:
+            assert spikes == [False, False, False], step
+    # no layer back since the last step: a global jump is a spike, as before
+    code = det.update([50.0, 50.0, 0.0], [True, True, False], [False, False, False])[Row.CODE].astype(int)
+    assert code[0] & Code.SPIKE and code[1] & Code.SPIKE
