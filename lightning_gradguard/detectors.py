@@ -331,7 +331,7 @@ class TrendDetector:
             if x > maxseen[i]:
                 maxseen[i] = x
             count[i] = cnt + 1.0
-            if cnt + 1.0 >= warmup and fast[i] > peak[i]:
+            if not code[i] and fast[i] > peak[i]:  # from the first step on, spikes aside
                 peak[i] = fast[i]
 
         if c.max_norm is not None and finite[0] and norm[0] > c.max_norm:
@@ -417,7 +417,7 @@ class TrendDetector:
             self.fast = np.where(ok, fast + c.fast_alpha * (np.minimum(x, spike_log) - fast), fast)
             self.maxseen = np.where(ok, np.maximum(self.maxseen, x), self.maxseen)
             self.count = count + ok
-            self.peak = np.where(ok, np.maximum(self.peak, self.fast), self.peak)
+            self.peak = np.where(ok & (code == 0), np.maximum(self.peak, self.fast), self.peak)
             known = present
         else:
             warm = count >= c.warmup_steps
@@ -440,8 +440,7 @@ class TrendDetector:
             self.fast = np.where(ok, np.where(first, x, fast + c.fast_alpha * (x_fast - fast)), fast)
             self.maxseen = np.where(ok, np.maximum(self.maxseen, x), self.maxseen)
             self.count = count + ok
-            warm_now = self.count >= c.warmup_steps
-            self.peak = np.where(ok & warm_now, np.maximum(self.peak, self.fast), self.peak)
+            self.peak = np.where(ok & (code == 0), np.maximum(self.peak, self.fast), self.peak)
             self._all_warm = bool(self.count.min() >= max(c.warmup_steps, 1))
             known = present & (self.count > 0)
         report[Row.SPIKE_AT] = np.power(10.0, spike_log)
@@ -511,7 +510,7 @@ class TrendDetector:
     scale = _series_property("scale")  # its robust deviation (log10)
     fast = _series_property("fast")  # fast running level (log10)
     maxseen = _series_property("maxseen")  # largest log10 norm seen
-    peak = _series_property("peak")  # highest fast level after warm-up
+    peak = _series_property("peak")  # highest fast level, from the first step on, at steps without a spike
     streak = _series_property("streak")  # consecutive steps the vanishing condition held
     ring = _series_property("ring")  # [growth_window, S] past fast levels (a list of rows in Python mode)
     seen = _series_property("seen")  # 1 once the series has had a gradient (was present) at some step

@@ -202,3 +202,28 @@ def test_a_layer_back_after_a_step_without_gradient_is_no_global_spike_unless_it
     # no layer back since the last step: a global jump is a spike, as before
     code = det.update([50.0, 50.0, 0.0], [True, True, False], [False, False, False])[Row.CODE].astype(int)
     assert code[0] & Code.SPIKE and code[1] & Code.SPIKE
+
+
+def test_gradients_that_collapse_within_the_warm_up_are_vanishing():
+    """Gradients that fall a million times within the first steps (a post-LN transformer at too high an LR
+    collapses so in 5 steps) and stay there, the lower layers together: below the median layer they are
+    not (the median fell with them), and a layer's peak was only kept from the end of the warm-up (step 10),
+    when they had fallen already: reported after 292-579 steps, or never. The peak is now kept from the
+    first step (spikes aside)."""
+    from helpers import DigitsMLP, digits_loader, trainer
+    from lightning_gradguard import GradGuard
+
+    class Collapsing(DigitsMLP):
+        def on_after_backward(self):
+            if self.global_step >= 3:
+                for layer in (self.net[0], self.net[2]):
+                    for p in layer.parameters():
+                        p.grad.mul_(1e-6)
+
+    guard = GradGuard()
+    trainer(max_steps=80, callbacks=[guard]).fit(Collapsing(), digits_loader(n=None))
+    assert guard.events, "not reported"
+    first = guard.events[0]
+    # the fast level falls below 1/1000 of the peak a few steps after the collapse, then vanish_patience (50)
+    assert (first.kind, first.reason) == ("vanishing", "drop") and first.step <= 60
+    assert set(first.layers) >= {"net.0", "net.2"}
