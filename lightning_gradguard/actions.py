@@ -189,12 +189,16 @@ class Snapshots:
     """Recent known-good copies of a module's and an optimizer's state, in host memory.
 
     Holds at most ``keep`` snapshots; memory is ``keep`` x (weights + buffers +
-    optimizer state), e.g. 2 x 3 x the weights for Adam.
+    optimizer state), e.g. 2 x 3 x the weights for Adam. With ``own_only`` (a
+    module trained by several optimizers, a GAN's generator and discriminator)
+    a snapshot holds only the optimizer's own parameters and the buffers of the
+    modules that own them: rolling one optimizer back leaves the others' weights
+    alone (their optimizers' states would not match weights rolled back).
     """
 
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
-        self._snaps: deque[tuple[int, dict, dict]] = deque(maxlen=keep)
+        self._snaps: deque[tuple[int, dict, dict, bool]] = deque(maxlen=keep)  # (step, module, optimizer, whole)
         self.restored_lrs: list[float] = []  # each param group's lr in the snapshot last restored
 
     def __len__(self) -> int:
@@ -202,12 +206,16 @@ class Snapshots:
 
     @property
     def steps(self) -> list[int]:
-        return [s for s, _, _ in self._snaps]
+        return [s[0] for s in self._snaps]
 
-    def take(self, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        model_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    def take(self, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer, own_only: bool = False) -> None:
+        state = module.state_dict()
+        if own_only:
+            keys = _own_keys(module, optimizer)
+            state = {k: v for k, v in state.items() if k in keys}
+        model_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         opt_state = _to_cpu(optimizer.state_dict())
-        self._snaps.append((step, model_state, opt_state))
+        self._snaps.append((step, model_state, opt_state, not own_only))
 
     def restore(self, before_step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         """Load the newest snapshot taken at or before ``before_step``; its step, or ``None`` if there is none.
@@ -220,9 +228,9 @@ class Snapshots:
         shifted for the rest of the run. The snapshot's ``lr`` of each group is
         in :attr:`restored_lrs`.
         """
-        for step, model_state, opt_state in reversed(self._snaps):
+        for step, model_state, opt_state, whole in reversed(self._snaps):
             if step <= before_step or step == 0:
-                module.load_state_dict(model_state)
+                module.load_state_dict(model_state, strict=whole)
                 hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
                 optimizer.load_state_dict(copy.deepcopy(opt_state))
                 self.restored_lrs = [float(group["lr"]) for group in optimizer.param_groups]
@@ -233,6 +241,19 @@ class Snapshots:
                     self._snaps.pop()
                 return step
         return None
+
+
+def _own_keys(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> set[str]:
+    """``module.state_dict()`` keys of the parameters ``optimizer`` holds and of the buffers of the
+    modules that own them (a tied parameter under each of its names)."""
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    keys: set[str] = set()
+    for name, sub in module.named_modules():
+        own = [(n, p) for n, p in sub.named_parameters(recurse=False) if id(p) in ids]
+        if own:
+            prefix = f"{name}." if name else ""
+            keys |= {prefix + n for n, _ in own} | {prefix + n for n, _ in sub.named_buffers(recurse=False)}
+    return keys
 
 
 def _to_cpu(obj):

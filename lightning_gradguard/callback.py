@@ -1693,7 +1693,7 @@ class GradGuard(Callback):
             step // self.rollback_every > snaps.steps[-1] // self.rollback_every
             and step - watch.healthy_since >= self.rollback_margin
         )):
-            snaps.take(step, pl_module, optimizer)
+            snaps.take(step, pl_module, optimizer, own_only=self._optimizer_count() > 1)
             watch.rollbacks_in_a_row = 0
         scale = watch.lr_scale
         if (
