@@ -116,3 +116,37 @@ class FaultyMLP(DigitsMLP):
         if self.optimizer_name == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr)
         return super().configure_optimizers()
+
+
+class TwoOptimizers(DigitsMLP):
+    """GAN-style manual optimization: two parts, two optimizers (Adam on ``net``, Adam on ``b``, a probe trained
+    on ``net``'s detached outputs); NaN planted in ``b``'s gradient at the batches in ``nan_at`` (one or several).
+    ``seen``: ``net.0.weight`` before each batch."""
+
+    def __init__(self, nan_at=None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.b = nn.Linear(10, 10)
+        self.nan_at = {nan_at} if isinstance(nan_at, int) else set(nan_at or ())
+        self.batches = 0
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen[self.batches] = self.net[0].weight.detach().clone()
+        opt_a, opt_b = self.optimizers()
+        loss_a = nn.functional.cross_entropy(self.net(x), y)
+        opt_a.zero_grad()
+        self.manual_backward(loss_a)
+        opt_a.step()
+        loss_b = nn.functional.cross_entropy(self.b(self.net(x).detach()), y)
+        opt_b.zero_grad()
+        self.manual_backward(loss_b)
+        if self.batches in self.nan_at:
+            self.b.weight.grad[0, 0] = float("nan")
+        opt_b.step()
+        self.batches += 1
+        return loss_a
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), 1e-2), torch.optim.Adam(self.b.parameters(), 1e-2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import DigitsMLP, FaultyMLP, digits_loader, trainer
+from helpers import DigitsMLP, FaultyMLP, TwoOptimizers, digits_loader, trainer
 from lightning_gradguard import GradGuard
 
 SPIKE = 12
@@ -327,37 +327,6 @@ def test_rollback_undoes_an_lr_jump_when_the_first_param_group_does_not_train():
     assert guard._watches[0].lr_scale.value == pytest.approx(1 / 300)
 
 
-class TwoNets(DigitsMLP):
-    """Manual optimization with two optimizers (a GAN's pattern): Adam on ``net``, Adam on ``b``, a probe
-    trained on ``net``'s detached outputs. NaN in ``b``'s gradient at the batches in ``nan_at``."""
-
-    def __init__(self, nan_at=()):
-        super().__init__()
-        self.automatic_optimization = False
-        self.b = nn.Linear(10, 10)
-        self.nan_at, self.batches = set(nan_at), 0
-        self.seen: dict[int, torch.Tensor] = {}  # net.0.weight before each batch
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        self.seen[self.batches] = self.net[0].weight.detach().clone()
-        opt_a, opt_b = self.optimizers()
-        loss_a = nn.functional.cross_entropy(self.net(x), y)
-        opt_a.zero_grad()
-        self.manual_backward(loss_a)
-        opt_a.step()
-        loss_b = nn.functional.cross_entropy(self.b(self.net(x).detach()), y)
-        opt_b.zero_grad()
-        self.manual_backward(loss_b)
-        if self.batches in self.nan_at:
-            self.b.weight.grad[0, 0] = float("nan")
-        opt_b.step()
-        self.batches += 1
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.net.parameters(), 1e-2), torch.optim.Adam(self.b.parameters(), 1e-2)
-
-
 def test_with_two_optimizers_a_rollback_restores_its_own_parameters_only(monkeypatch):
     """The second optimizer's rollback restored the snapshot of the whole module: the first optimizer's
     weights went back too (while its Adam state did not), and its snapshots held the whole model. It
@@ -368,7 +337,7 @@ def test_with_two_optimizers_a_rollback_restores_its_own_parameters_only(monkeyp
     restored, restore = [], Snapshots.restore
     monkeypatch.setattr(Snapshots, "restore", lambda *a, **k: restored.append(restore(*a, **k)) or restored[-1])
     guard = GradGuard(on_nonfinite=("rollback", "alert"), rollback_every=10, rollback_margin=2)
-    model = TwoNets(nan_at=(40, 41))
+    model = TwoOptimizers(nan_at=(40, 41))
     trainer(max_steps=120, callbacks=[guard]).fit(model, digits_loader(n=None))
     events = [(e.optimizer, e.step, e.actions[0]) for e in guard.events]
     # batches 40, 41: opt1 steps at odd global steps (later, b restored meets features that moved on: a spike)

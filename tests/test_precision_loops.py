@@ -5,7 +5,7 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from helpers import DigitsMLP, FaultyMLP, NormRecorder, digits_loader, trainer
+from helpers import DigitsMLP, FaultyMLP, NormRecorder, TwoOptimizers, digits_loader, trainer
 from lightning_gradguard import GradGuard, GuardSink
 
 
@@ -99,36 +99,6 @@ def test_gradient_accumulation_one_measurement_per_optimizer_step():
     watch = guard._watches[0]
     assert watch.counts["steps"] == 5 == len(rec.total)
     assert 10 ** watch.detector.fast[0].item() > 0
-
-
-class TwoOptimizers(DigitsMLP):
-    """GAN-style manual optimization: two parts, two optimizers; NaN planted in part b's gradients."""
-
-    def __init__(self, nan_at: int | None = None):
-        super().__init__()
-        self.automatic_optimization = False
-        self.b = nn.Linear(10, 10)
-        self.nan_at = nan_at
-        self.batches = 0
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        opt_a, opt_b = self.optimizers()
-        loss_a = nn.functional.cross_entropy(self.net(x), y)
-        opt_a.zero_grad()
-        self.manual_backward(loss_a)
-        opt_a.step()
-        loss_b = nn.functional.cross_entropy(self.b(self.net(x).detach()), y)
-        opt_b.zero_grad()
-        self.manual_backward(loss_b)
-        if self.batches == self.nan_at:
-            self.b.weight.grad[0, 0] = float("nan")
-        opt_b.step()
-        self.batches += 1
-        return loss_a
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.net.parameters(), 1e-2), torch.optim.Adam(self.b.parameters(), 1e-2)
 
 
 def test_manual_optimization_two_optimizers_separate_state_and_events(tmp_path):
