@@ -770,7 +770,11 @@ class GradGuard(Callback):
         watch.counts["steps"] += 1
 
         events = self._findings(watch, host, step, weights_before=applied is None or applied[1])
-        clip_coef, norm_clipped = self._respond(trainer, pl_module, optimizer, watch, host, events, step, applied)
+        try:
+            clip_coef, norm_clipped = self._respond(trainer, pl_module, optimizer, watch, host, events, step, applied)
+        except Exception:
+            self._unanswered(trainer, events)
+            raise  # reported as the guard's internal error, and the fail-safe still keeps NaN/Inf out
         if self.sync == "deferred":  # a step read on the device or (a fallback) with one sync
             watch.limits = self._limits(watch)  # for the device's decision on the next step
         metrics = None
@@ -1524,6 +1528,19 @@ class GradGuard(Callback):
             trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
             log.warning("GradGuard stopped training: %s", stopping.message)
         return clip_coef, norm_clipped
+
+    def _unanswered(self, trainer: Trainer, events: list[GradEvent]) -> None:
+        """The step's findings when responding to them failed inside the guard: they are recorded all the
+        same (events, counts, the sinks; the loggers' counts at the next logged step), with no action, and
+        say so."""
+        recorded = {id(e) for e in self.events[-len(events):]} if events else set()
+        for e in events:
+            if id(e) not in recorded:
+                event = GradEvent(**{**e.to_dict(), "actions": (),
+                                     "message": f"{e.message} -> no response: the guard failed (see the log)"})
+                self.events.append(event)
+                self._event_counts[e.kind] += 1
+                self._sink_call("on_event", trainer, event)
 
     def _skip(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         """Drop the step (every gradient ``None``). Lightning clips after this hook, and torch's

@@ -204,3 +204,31 @@ def test_empty_parameters_are_not_dead_layers():
     assert model.prompt.grad is not None and model.adapter.weight.grad is not None  # they do get gradients
     assert guard.events == [] and guard.internal_errors == 0
     assert guard._watches[0].plan.layers == ("net.0", "net.2", "net.4")
+
+
+def test_findings_whose_response_fails_inside_the_guard_are_still_recorded(monkeypatch):
+    """A spike found, then the clip failing inside the guard (an internal error): the event was lost with the
+    response, so the run's record, counts and loggers said nothing had happened. It is recorded, with no
+    action, and says so; the NaN fail-safe and the internal-error report are as before."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("clip exploded")
+
+    class Events(GuardSink):
+        def __init__(self):
+            self.seen = []
+
+        def on_event(self, guard, trainer, event):
+            self.seen.append(event)
+
+    monkeypatch.setattr(GradGuard, "_clip", broken)
+    sink = Events()
+    guard = GradGuard(sinks=[sink])
+    model = FaultyMLP({12: "spike"})
+    t = trainer(max_steps=20, callbacks=[guard])
+    t.fit(model, digits_loader())
+    assert sink.seen == [e for e in guard.events]
+    assert t.global_step == 20 and guard.internal_errors >= 1
+    (event,) = [e for e in guard.events if e.step == 12]
+    assert event.kind == "exploding" and event.actions == ()
+    assert event.message.endswith("-> no response: the guard failed (see the log)")
+    assert guard.summary()["events/exploding"] >= 1
