@@ -387,6 +387,10 @@ class GradGuard(Callback):
         self.max_rollbacks = check_number("max_rollbacks", max_rollbacks, low=1, integer=True)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"`prefix` must be a non-empty string such as 'grad/', got {prefix!r}.")
+        if prefix[-1].isalnum():
+            warnings.warn(f"GradGuard: `prefix={prefix!r}` runs into the key names ('{prefix}norm_total'). End it with "
+                          f"'/' ({prefix + '/'!r}: a section of its own in W&B and TensorBoard) or '_'.", UserWarning,
+                          stacklevel=2)
         self.prefix = prefix
         self._state_key: tuple[str | None, str] = (None, "")  # (prefix, key), see state_key
         if sinks is not None and not isinstance(sinks, (list, tuple)):

@@ -127,3 +127,14 @@ def test_a_setting_nothing_reads_is_reported(recwarn):
     GradGuard(log_layers="topk", top_k=3)
     GradGuard(log_layers="all", lr_factor=0.5, rollback_keep=2)  # the defaults, written out (a YAML config)
     assert [str(w.message) for w in recwarn if "GradGuard" in str(w.message)] == []
+
+
+def test_a_prefix_that_runs_into_the_key_names_warns(recwarn):
+    """``prefix="grad"`` logged ``gradnorm_total``: it now warns, with the fix; a separator ends it quietly."""
+    with pytest.warns(UserWarning, match=r"`prefix='grad'` runs into the key names \('gradnorm_total'\)\. End it with "
+                      r"'/' \('grad/': a section of its own in W&B and TensorBoard\) or '_'"):
+        GradGuard(prefix="grad")
+    recwarn.clear()
+    for fine in ("grad/", "train/grad/", "grad_", "grad."):
+        GradGuard(prefix=fine)
+    assert [str(w.message) for w in recwarn if "GradGuard" in str(w.message)] == []
