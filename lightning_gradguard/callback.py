@@ -888,9 +888,12 @@ class GradGuard(Callback):
         total = squares.sum().sqrt()
         device = total.device
         limits = watch.limits
-        if limits is not None and watch.detector.admits(watch.plan.host_present(read.positions)):
+        present = watch.plan.host_present(read.positions) if limits is not None else None
+        if limits is not None and (watch.detector.admits(present) or watch.detector.returns(present)):
             # a layer's first gradient (an unfreeze, an expert's first token): the global series restarts
-            # at this step, as with sync="step", and has no limit yet but max_norm
+            # at this step, as with sync="step", and has no limit yet but max_norm. A layer back after a step
+            # without one (an auxiliary head): the global norm's jump is no spike of it, as with sync="step"
+            # (a layer over its own limit still scales the step)
             limits = limits.copy()
             limits[0] = math.inf if self.config.max_norm is None else self.config.max_norm
         clipping = "clip" in self.on_exploding

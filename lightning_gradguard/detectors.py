@@ -520,6 +520,12 @@ class TrendDetector:
         layer's first gradient, and so restart the global series (see :meth:`update`)?"""
         return self._unseen and bool((present[1:] & (self.seen[1:] == 0)).any())
 
+    def returns(self, present: np.ndarray) -> bool:
+        """Would an update with these series present (a host bool array, index 0 the global) see a layer
+        back after a step without gradient, and so not count a jump of the global norm alone as a spike
+        (see :meth:`_returned`)?"""
+        return self._returned(present)
+
     def next_spike_at(self) -> np.ndarray:
         """Each series' spike threshold for the next update, from the state after the last one: the
         norm above which it would be flagged (``inf`` for a series with no observation yet)."""

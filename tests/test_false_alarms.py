@@ -150,3 +150,25 @@ def test_a_head_used_every_10th_step_is_no_spike_of_the_global_norm(seed):
     trainer(max_steps=1200, max_epochs=-1, callbacks=[guard]).fit(AuxEvery10(), loader)
     assert [e for e in guard.events if e.layer is None] == []  # no global spike
     assert len(guard.events) <= 8  # a trunk layer's own series can still spike at the head's steps
+
+
+def test_sync_deferred_does_not_clip_a_layer_coming_back_either():
+    """The device half of ``sync="deferred"`` compared the global norm with its limit whatever layers had
+    come back: it clipped the auxiliary head's steps that ``sync="step"`` no longer flags (11 clips in
+    1,200 steps with no event). Both modes now clip the same steps, each with its event."""
+
+    class Fused(AuxEvery10):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+
+    x, y = _digits_tensors()
+    clipped = {}
+    for sync in ("step", "deferred"):
+        loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(0))
+        pl.seed_everything(0, verbose=False)
+        guard = GradGuard(sync=sync)
+        trainer(max_steps=1200, max_epochs=-1, callbacks=[guard]).fit(Fused(), loader)
+        clipped[sync] = guard._watches[0].counts["clipped"]
+        assert clipped[sync] == len(guard.events) and all(e.layer is not None for e in guard.events)
+    assert clipped["deferred"] == clipped["step"]
