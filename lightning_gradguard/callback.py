@@ -87,7 +87,7 @@ class _Watch:
     rollback_lr_ratio: float | None = None  # effective LR of the restored snapshot / effective LR before
     anchor: np.ndarray | None = None  # per-series clip limit pinned during a growth incident (inf: none)
     anchor_until: np.ndarray | None = None
-    anchor_since: int = 0  # step the current anchors were first set (for the long-hold warning)
+    anchor_since: int | None = 0  # step the current anchors were set (long-hold warning; None: since a resume)
     anchor_first: np.ndarray | None = None  # each anchor as set (the floor it is tightened back to)
     anchor_warned: bool = False
     last_lr_change: int = -(10**9)
@@ -515,6 +515,8 @@ class GradGuard(Callback):
                     watch = self._watches.get(index)  # the same Trainer fitting again goes on with its scale
                     kept = watch.lr_scale.value if watch is not None and watch.lr_scale is not None else 1.0
                     scale.value = float(self._pending_state.get(index, {}).get("lr_scale", kept))
+                    if watch is not None and watch.lr_scale is not None and watch.optimizer() is optimizer:
+                        watch.lr_scale = scale  # the same optimizer object again: its old scale was unhooked
         if self.sync == "deferred" and self._skips_on_device:
             for index, optimizer in enumerate(trainer.optimizers):
                 if not DeviceVerdict.supported(optimizer):
@@ -1126,10 +1128,12 @@ class GradGuard(Callback):
         and so count as absent until unfrozen, when they are watched like any other. Empty parameters (a
         rank-0 adapter, an empty prompt) are not: their gradient's norm is always 0, a "dead" layer. (Under
         a strategy that shards plain tensors (FSDP1) a rank's view can be empty while the parameter is not,
-        and every rank must plan the same layers: there they stay.)"""
+        and every rank must plan the same layers: there they stay, and so do DTensors.)"""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        planned = params if self._reduce is not None else [p for p in params if p.numel() > 0]
-        plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), depth=self.group_depth, only=planned)
+        plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), depth=self.group_depth, only=params)
+        if self._reduce is None and not plan.dtensor and any(p.numel() == 0 for p in params):
+            planned = [p for p in params if p.numel() > 0]
+            plan = LayerPlan.from_named_parameters(pl_module.named_parameters(), depth=self.group_depth, only=planned)
         if plan.dtensor and self._reduce is None:  # sharded by a strategy not known by name (FSDP2 by hand)
             self._reduce = self._all_reduce(trainer, sharded=True)
         return plan, len(optimizer.param_groups), params[0].device if params else torch.device("cpu")
@@ -1143,7 +1147,9 @@ class GradGuard(Callback):
         parameters (a norm that jumps because a backbone joined is not an explosion). Per-series
         latches and clip anchors restart; rollback snapshots are dropped (they hold the optimizer's
         state of before, which cannot be loaded into it any more: an Adam state loaded into a new
-        SGD crashed its step). A replaced optimizer gets the LR scale afresh (1), on its own hooks."""
+        SGD crashed its step). A replaced optimizer gets an LR scale on its own hooks: the one
+        ``on_train_start`` put on it (a second ``fit()`` of the same Trainer keeps the value), or afresh (1)
+        when it was replaced mid-run."""
         if watch.in_flight is not None:  # sync="deferred": read the step in flight against the plan it was read with
             self._land(trainer, pl_module, watch.optimizer() or optimizer, watch)
         old = watch.plan
@@ -1593,6 +1599,7 @@ class GradGuard(Callback):
         flagged = (((code & Code.EXPLODING) > 0) | (host[Row.NORM] > watch.anchor)) & np.isfinite(watch.anchor)
         watch.anchor_until = np.where(flagged, step + self.config.growth_window, watch.anchor_until)
         watch.anchor = np.where(step > watch.anchor_until, np.inf, watch.anchor)
+        watch.anchor_first = np.where(np.isfinite(watch.anchor), watch.anchor_first, np.inf)  # a series let go
         if not np.isfinite(watch.anchor).any():
             watch.anchor = watch.anchor_until = watch.anchor_first = None
             return False
@@ -1603,6 +1610,8 @@ class GradGuard(Callback):
         norms stay above them (the loss has not fallen enough to loosen them), and no event says so. In a divergence held down by
         the clip that is the clip working; after a healthy change of phase (more classes, another data mix,
         another loss) it is a healthy run clipped for good, which only the user can tell apart."""
+        if watch.anchor_since is None:  # restored from a checkpoint that did not say: count from the resume
+            watch.anchor_since = step
         held = step - watch.anchor_since
         if watch.anchor_warned or held < 4 * self.config.growth_window:
             return
@@ -1701,8 +1710,8 @@ class GradGuard(Callback):
         if restored is None:
             return False
         # the groups keep the schedule's LR; the snapshot's effective LR over today's, for "reduce_lr" to undo
-        # an LR jump: the smallest ratio over the groups that train (a group at lr 0 says nothing)
-        ratios = [then / now for then, now in zip(watch.snapshots.restored_lrs, lrs_now) if now > 0]
+        # an LR jump: the smallest ratio over the groups that trained then and train now (lr 0 says nothing)
+        ratios = [then / now for then, now in zip(watch.snapshots.restored_lrs, lrs_now) if then > 0 and now > 0]
         watch.rollback_lr_ratio = min(ratios) if ratios else None
         watch.rollbacks_in_a_row += 1
         watch.counts["rollbacks"] += 1
@@ -1940,10 +1949,11 @@ class GradGuard(Callback):
         anchor = state.get("anchor")
         if anchor is not None:
             watch.anchor, watch.anchor_until = np.asarray(anchor[0], dtype=float), np.asarray(anchor[1], dtype=np.int64)
-            # (checkpoints of earlier versions lack the rest: the hold counts from step 0, the floor is the anchor)
-            defaults = [0, False, anchor[0]]
+            # (checkpoints of earlier versions lack the rest: the hold counts from the resume, the floor is the
+            # anchor)
+            defaults = [None, False, anchor[0]]
             since, warned, first = [*anchor[2:5], *defaults[len(anchor) - 2:]]
-            watch.anchor_since, watch.anchor_warned = int(since), bool(warned)
+            watch.anchor_since, watch.anchor_warned = None if since is None else int(since), bool(warned)
             watch.anchor_first = np.asarray(first, dtype=float)
         watch.bad_streak, watch.skip_streak, watch.rollbacks_in_a_row = state.get("streaks", [0, 0, 0])
         if watch.lr_scale is not None:

@@ -98,7 +98,8 @@ def unused_settings(values: dict[str, Any], defaults: dict[str, Any], responses:
     configured = {name for names in responses.values() for name in names}
     out = []
     for arg, (needs, which) in _READ_BY.items():
-        if arg in values and values[arg] != defaults[arg] and not needs & configured:
+        # (None turns an option off: harmless where nothing reads it)
+        if arg in values and values[arg] is not None and values[arg] != defaults[arg] and not needs & configured:
             # the lists that may hold it ("on_exploding" for kind "exploding"), as they are now
             lists = {on: names for on, names in responses.items()
                      if any(on[3:] in RESPONSES[n]["kinds"] for n in needs)}

@@ -331,8 +331,13 @@ class TrendDetector:
             if x > maxseen[i]:
                 maxseen[i] = x
             count[i] = cnt + 1.0
-            if not code[i] and fast[i] > peak[i]:  # from the first step on, spikes aside
+            # the peak: the fast level from the end of the warm-up on (spikes aside; it ignores their excess
+            # then), and the warm-up's mean level, where gradients that collapse within the warm-up fall from
+            # (a spike in it moves that mean by its share of the warm-up only, unlike the fast level)
+            if cnt + 1.0 >= warmup and not code[i] and fast[i] > peak[i]:
                 peak[i] = fast[i]
+            if cnt + 1.0 == warmup and level[i] > peak[i]:
+                peak[i] = level[i]
 
         if c.max_norm is not None and finite[0] and norm[0] > c.max_norm:
             code[0] |= Code.CEILING
@@ -440,7 +445,9 @@ class TrendDetector:
             self.fast = np.where(ok, np.where(first, x, fast + c.fast_alpha * (x_fast - fast)), fast)
             self.maxseen = np.where(ok, np.maximum(self.maxseen, x), self.maxseen)
             self.count = count + ok
-            self.peak = np.where(ok & (code == 0), np.maximum(self.peak, self.fast), self.peak)
+            warm_now = self.count >= c.warmup_steps  # the peak: see _update_scalar
+            self.peak = np.where(ok & warm_now & (code == 0), np.maximum(self.peak, self.fast), self.peak)
+            self.peak = np.where(ok & (self.count == c.warmup_steps), np.maximum(self.peak, self.level), self.peak)
             self._all_warm = bool(self.count.min() >= max(c.warmup_steps, 1))
             known = present & (self.count > 0)
         report[Row.SPIKE_AT] = np.power(10.0, spike_log)
@@ -510,7 +517,7 @@ class TrendDetector:
     scale = _series_property("scale")  # its robust deviation (log10)
     fast = _series_property("fast")  # fast running level (log10)
     maxseen = _series_property("maxseen")  # largest log10 norm seen
-    peak = _series_property("peak")  # highest fast level, from the first step on, at steps without a spike
+    peak = _series_property("peak")  # highest fast level after warm-up (spikes aside), or the warm-up's mean level
     streak = _series_property("streak")  # consecutive steps the vanishing condition held
     ring = _series_property("ring")  # [growth_window, S] past fast levels (a list of rows in Python mode)
     seen = _series_property("seen")  # 1 once the series has had a gradient (was present) at some step
@@ -549,6 +556,8 @@ class TrendDetector:
         state = {name: torch.from_numpy(getattr(self, name).copy()) for name in _STATE}
         state["steps"] = self.steps
         state["num_series"] = self.num_series
+        if self._prev_present is not None:  # which layers had a gradient at the last step (see _returned)
+            state["prev_present"] = torch.tensor([bool(v) for v in self._prev_present])
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -565,6 +574,9 @@ class TrendDetector:
             self.seen = self.count > 0
         self._all_warm = bool(self.count.min() >= max(self.config.warmup_steps, 1))
         self._unseen = bool((self.seen[1:] == 0).any())
+        prev = state.get("prev_present")
+        self._prev_present = None if not (isinstance(prev, Tensor) and prev.numel() == self.num_series) else (
+            prev.bool().numpy().copy() if self.vectorized else prev.bool().tolist())
 
     def remap(self, source: Sequence[int | None]) -> TrendDetector:
         """A detector of ``len(source)`` series where series ``j`` goes on from this one's series

@@ -126,6 +126,7 @@ def test_a_setting_nothing_reads_is_reported(recwarn):
     GradGuard(on_exploding=("skip", "alert"), on_nonfinite="log", max_consecutive_skips=5)
     GradGuard(log_layers="topk", top_k=3)
     GradGuard(log_layers="all", lr_factor=0.5, rollback_keep=2)  # the defaults, written out (a YAML config)
+    GradGuard(on_nonfinite="log", max_consecutive_skips=None)  # turned off: harmless
     assert [str(w.message) for w in recwarn if "GradGuard" in str(w.message)] == []
 
 

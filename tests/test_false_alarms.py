@@ -172,3 +172,27 @@ def test_sync_deferred_does_not_clip_a_layer_coming_back_either():
         clipped[sync] = guard._watches[0].counts["clipped"]
         assert clipped[sync] == len(guard.events) and all(e.layer is not None for e in guard.events)
     assert clipped["deferred"] == clipped["step"]
+
+
+def test_anchors_from_a_checkpoint_that_lacks_their_start_count_their_hold_from_the_resume(tmp_path, caplog):
+    """A checkpoint written before the anchors' start was kept holds ``[anchor, until]`` only: the hold was
+    counted from step 0, so a resume at step 600 warned at once of a 600-step hold ("found at step 0")."""
+    import logging
+
+    loader = DataLoader(TensorDataset(torch.zeros(1200, 1)), batch_size=1)
+    first = GradGuard()
+    pl.seed_everything(0, verbose=False)
+    t = trainer(max_steps=600, callbacks=[first])
+    t.fit(Curriculum([]), loader)
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    ckpt = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    watch_state = ckpt["callbacks"][first.state_key]["watches"][0]
+    watch_state["anchor"] = watch_state["anchor"][:2]  # the earlier format
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    resumed = GradGuard()
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        trainer(max_steps=602, callbacks=[resumed]).fit(Curriculum([]), loader, ckpt_path=tmp_path / "old.ckpt")
+    assert "clipped by the anchors" not in caplog.text
+    after = resumed._watches[0]
+    assert after.anchor_since == 600 and not after.anchor_warned
+    assert after.anchor_first.tolist() == pytest.approx(first._watches[0].anchor.tolist())  # the floor: as it was

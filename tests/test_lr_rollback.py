@@ -350,3 +350,24 @@ def test_with_two_optimizers_a_rollback_restores_its_own_parameters_only(monkeyp
     for step in (s for s in model.seen if s <= 41):
         assert not torch.equal(model.seen[42], model.seen[step])
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_group_that_was_at_lr_0_in_the_snapshot_says_nothing_about_an_lr_jump():
+    """A backbone group at lr 0 when the snapshot was taken (warming up from 0, or not yet unfrozen by its
+    schedule) and at 0.01 now gave a ratio of 0: the rollback then drove the LR scale of every group to
+    ``lr_min_scale``, the head's included, whose LR never changed. Such a group is left out of the ratio."""
+    import weakref
+
+    from lightning_gradguard.actions import LRScale, Snapshots
+    from lightning_gradguard.callback import _Watch
+    from lightning_gradguard.detectors import TrendDetector
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    opt = torch.optim.SGD([{"params": net[0].parameters(), "lr": 0.0}, {"params": net[1].parameters(), "lr": 0.1}])
+    guard = GradGuard(on_exploding=("rollback", "reduce_lr"))
+    watch = _Watch(0, None, TrendDetector(guard.config, 1), weakref.ref(opt), 2, torch.device("cpu"))
+    watch.snapshots, watch.lr_scale = Snapshots(2), LRScale(opt)
+    watch.snapshots.take(0, net, opt)
+    opt.param_groups[0]["lr"] = 0.01  # the schedule raised the backbone's; the head's is unchanged
+    assert guard._rollback(None, net, opt, watch, 100, []) and watch.rollback_lr_ratio == 1.0
+    assert guard._reduce_lr(watch, 100, rolled_back=True) and watch.lr_scale.value == guard.lr_factor
