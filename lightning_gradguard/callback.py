@@ -1607,9 +1607,10 @@ class GradGuard(Callback):
 
     def _warn_long_anchor(self, trainer: Trainer, watch: _Watch, step: int) -> None:
         """Once per incident: the growth anchors have held the clip limit for ``4 x growth_window`` steps. The
-        norms stay above them (the loss has not fallen enough to loosen them), and no event says so. In a divergence held down by
-        the clip that is the clip working; after a healthy change of phase (more classes, another data mix,
-        another loss) it is a healthy run clipped for good, which only the user can tell apart."""
+        norms stay above them (the loss has not fallen enough to loosen them), and no event says so. In a
+        divergence held down by the clip that is the clip working; after a healthy change of phase (more
+        classes, another data mix, another loss) it is a healthy run clipped for good, which only the user
+        can tell apart."""
         if watch.anchor_since is None:  # restored from a checkpoint that did not say: count from the resume
             watch.anchor_since = step
         held = step - watch.anchor_since
