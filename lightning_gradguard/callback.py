@@ -1620,9 +1620,9 @@ class GradGuard(Callback):
         if trainer.is_global_zero:
             log.warning(
                 "GradGuard: step %d%s: the gradients have been clipped by the anchors set at their level before "
-                "the growth found at step %d for %d steps, and their norm stays above them. If the loss has come "
-                "down and the run is healthy (a new phase: more classes, another data mix or loss), the clip is "
-                "holding it back: raise `growth_factor`, or leave 'clip' out of `on_exploding`.", step,
+                "a growth since step %d (%d steps), and their norm stays above them. If the loss has come down and "
+                "the run is healthy (a new phase: more classes, another data mix or loss), the clip is holding it "
+                "back: raise `growth_factor`, or leave 'clip' out of `on_exploding`.", step,
                 f" (optimizer {watch.index})" if watch.index else "", watch.anchor_since, held)
 
     def _alert_due(self, event: GradEvent, step: int) -> bool:

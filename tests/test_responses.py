@@ -269,7 +269,7 @@ def test_a_clip_held_long_by_the_growth_anchors_is_reported_once(caplog):
     assert watch.anchor is not None and watch.counts["clipped"] > 200  # clipped for good
     held = [r.getMessage() for r in caplog.records if "clipped by the anchors set at their level" in r.getMessage()]
     assert len(held) == 1, held
-    assert f"the growth found at step {watch.anchor_since} for 200 steps" in held[0]
+    assert f"before a growth since step {watch.anchor_since} (200 steps)" in held[0]
     assert "raise `growth_factor`, or leave 'clip' out of `on_exploding`" in held[0]
     assert watch.anchor_warned and guard.state_dict()["watches"][0]["anchor"][2:4] == [watch.anchor_since, True]
 
