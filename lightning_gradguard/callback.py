@@ -1590,13 +1590,13 @@ class GradGuard(Callback):
         # averaged), whose norms stay above it for good. Only the loss tells them apart: while it falls,
         # the anchors loosen (x2 per half window) towards the norms, and are released once those stay
         # under them; while it rises, they tighten back, to no lower than they were set.
-        rate = 2.0 ** (2.0 / self.config.growth_window)
+        rate, exploding = 2.0 ** (2.0 / self.config.growth_window), (code & Code.EXPLODING) > 0
         if self._loss.improving():
-            watch.anchor = np.where((code & Code.EXPLODING) > 0, watch.anchor, watch.anchor * rate)
+            watch.anchor = np.where(exploding, watch.anchor, watch.anchor * rate)
         elif self._loss.worsening() and watch.anchor_first is not None:
             watch.anchor = np.maximum(watch.anchor / rate, watch.anchor_first)
         # held while flagged or while the anchor is still doing work (the norm is above it)
-        flagged = (((code & Code.EXPLODING) > 0) | (host[Row.NORM] > watch.anchor)) & np.isfinite(watch.anchor)
+        flagged = (exploding | (host[Row.NORM] > watch.anchor)) & np.isfinite(watch.anchor)
         watch.anchor_until = np.where(flagged, step + self.config.growth_window, watch.anchor_until)
         watch.anchor = np.where(step > watch.anchor_until, np.inf, watch.anchor)
         watch.anchor_first = np.where(np.isfinite(watch.anchor), watch.anchor_first, np.inf)  # a series let go
