@@ -48,6 +48,7 @@ def faulty_run(tmp_path_factory):
         sink = WandbSink(pictures_every_n_steps=15, histogram_layers=["net.0", "net.4"],
                          histogram_every_n_steps=10, histogram_bins=32)
         guard = GradGuard(sinks=[sink], alert_quiet_steps=0)  # every event alerts: the sink's window is under test
+        torch.manual_seed(0)  # a module fixture runs before the autouse seed: the same model every run
         model = FaultyMLP(FAULTS, optimizer="sgd", lr=0.05)
         logger = WandbLogger(offline=True, save_dir=str(root))
         trainer(logger=logger, max_steps=STEPS, log_every_n_steps=5, callbacks=[guard]).fit(model, digits_loader())
