@@ -333,7 +333,10 @@ class RunRecord:
         layers: per optimizer index, the layer names (norms column ``i + 1``; column 0 is global).
         steps: per optimizer, the recorded step numbers (``int64[T]``).
         norms: per optimizer, the recorded norms (``float64[T, 1 + L]``).
-        events: the events, in order.
+        events: the events, in order. A run cut off between a step's norms and its event line still
+            fails a gate: recorded NaN/Inf norms with no ``nonfinite`` event at their step give one, made
+            from the norms, with no actions (not in a finished run, nor under a fp16 GradScaler, whose
+            overflow steps hold Infs by design).
         summary: the summary line, or ``None`` when the run did not end (crashed, killed, still running).
         truncated: the last line was cut off mid-write (and ignored).
     """
@@ -452,7 +455,40 @@ def read_record(path: str | os.PathLike) -> RunRecord:
             else np.array([n[i] if i is not None else 0.0 for i in series_columns(layout, final)])
             for _, n, layout in items
         ])
+    lost = _lost_events(record)
+    if lost:
+        record.events = sorted(record.events + lost, key=lambda e: e.step)
     return record
+
+
+def _lost_events(record: RunRecord) -> list[GradEvent]:
+    """``nonfinite`` events for recorded steps whose norms hold NaN/Inf but that have no such event: the
+    run was cut off (killed, crashed) after writing the step's norms and before its event line, and a
+    CI gate must not pass a NaN because its line was lost. None for a finished run, nor under a fp16
+    GradScaler (its overflow steps hold Infs by design and raise no event unless they persist)."""
+    precision = str(record.header.get("trainer", {}).get("precision", ""))
+    if record.finished or precision.startswith("16"):
+        return []
+    reported = {(e.optimizer, e.step) for e in record.events if e.kind == "nonfinite"}
+    found = []
+    for opt, norms in record.norms.items():
+        names = record.series_names(opt)
+        for i in np.flatnonzero(~np.isfinite(norms).all(axis=1)):
+            step, row = int(record.steps[opt][i]), norms[i]
+            if (opt, step) in reported:
+                continue
+            bad = [j for j in range(1, len(row)) if not np.isfinite(row[j])] or [0]
+            layers = tuple(names[j] for j in bad if j)
+            what = "NaN" if np.isnan(row[bad[0]]) else "Inf"
+            more = f" and {len(layers) - 5} more" if len(layers) > 5 else ""
+            found.append(GradEvent(
+                step=step, kind="nonfinite", layer=layers[0] if layers else None, value=float(row[bad[0]]),
+                threshold=math.inf, actions=(), reason=what.lower(), optimizer=opt, layers=layers,
+                message=f"non-finite gradient norms ({what}) recorded in "
+                        f"{', '.join(map(repr, layers[:5])) or 'global'}{more}; no event line: the run was cut "
+                        "off before writing it",
+            ))
+    return sorted(found, key=lambda e: (e.step, e.optimizer))
 
 
 def _find(path: str) -> str:

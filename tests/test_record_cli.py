@@ -217,6 +217,37 @@ def test_a_killed_run_reads_up_to_its_last_complete_line(tmp_path):
     assert record.layer_stats(0)["last"].tolist() == [1.0, 0.5]
 
 
+def test_a_nan_whose_event_line_was_cut_off_still_fails_the_gate(records, tmp_path, capsys):
+    # the faulty run, killed right after writing step 6's norms (NaN in net.2), before its event line
+    with open(records["faulty"][1].path) as f:
+        lines = f.readlines()
+    cut = next(i for i, line in enumerate(lines) if line.startswith('{"type":"step","step":6,'))
+    killed = tmp_path / "killed.jsonl"
+    killed.write_text("".join(lines[: cut + 1]))
+    record = read_record(killed)
+    assert not record.finished and not record.truncated  # the kill fell between two lines
+    [lost] = record.events
+    assert (lost.step, lost.kind, lost.reason, lost.layer, lost.actions) == (6, "nonfinite", "nan", "net.2", ())
+    assert "the run was cut off before writing it" in lost.message
+    assert main([str(killed), "--fail-on", "nonfinite"]) == 1
+    assert "FAIL: 1 event (nonfinite); first at step 6" in capsys.readouterr().out
+    # ... and cut mid-way through the event line: the same
+    killed.write_text("".join(lines[: cut + 1]) + lines[cut + 1][:40])
+    assert read_record(killed).truncated and [e.step for e in read_record(killed).events] == [6]
+    assert main([str(killed)]) == 1
+    # with its event line, the event is the run's own, not a made-up one
+    killed.write_text("".join(lines[: cut + 2]))
+    assert [e.actions for e in read_record(killed).events] == [("skip", "alert")]
+
+
+def test_recorded_infs_without_an_event_are_left_alone_in_finished_and_fp16_runs(tmp_path):
+    inf_step = {"type": "step", "step": 0, "optimizer": 0, "norms": ["inf", "inf"]}
+    path = _lines(tmp_path / "fp16.jsonl", {**HEADER, "trainer": {"precision": "16-mixed"}}, inf_step)
+    assert read_record(path).events == []  # a GradScaler overflow: the scaler skips it, no event
+    path = _lines(tmp_path / "done.jsonl", HEADER, inf_step, {"type": "summary"})
+    assert read_record(path).events == []  # a finished run wrote every event it had
+
+
 def test_missing_paths(tmp_path):
     with pytest.raises(RecordError, match="no such file"):
         read_record(tmp_path / "nope.jsonl")
