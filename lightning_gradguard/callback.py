@@ -731,8 +731,8 @@ class GradGuard(Callback):
     def _step_info(self, trainer: Trainer, watch: _Watch) -> _StepInfo:
         log_step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs its own metrics at
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        logging_on = bool(trainer.loggers)
-        is_log_step = logging_on and (log_step + 1) % every == 0
+        logging_on = bool(trainer.loggers) and every > 0  # Trainer(log_every_n_steps=0): no logging, steps with
+        is_log_step = logging_on and (log_step + 1) % every == 0  # events aside; detection goes on
         detail_every = max(every, 50) if self.detail_every_n_steps is None else self.detail_every_n_steps
         # the details are only logged: read them at the first logged step at or after each multiple of
         # detail_every (one not a multiple of `every` would otherwise read them at steps never logged)

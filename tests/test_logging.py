@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from lightning.pytorch.loggers import CSVLogger
 
-from helpers import DigitsMLP, NormRecorder, digits_loader, trainer
+from helpers import DigitsMLP, FaultyMLP, NormRecorder, digits_loader, trainer
 from lightning_gradguard import GradGuard
 
 
@@ -40,6 +40,18 @@ def test_follows_trainer_log_every_n_steps(tmp_path):
     assert not any(k.startswith("grad/norm/") for k in rows[0])
     for r in rows:
         assert float(r["grad/norm_total"]) == pytest.approx(rec.total[int(r["step"])], rel=1e-5)
+
+
+def test_trainer_log_every_n_steps_0_logs_only_event_steps_and_detection_goes_on(tmp_path, caplog):
+    # Lightning's 0 means "no logging"; it once made the guard fail on every step (modulo by zero), unprotected
+    guard = GradGuard()
+    t = trainer(max_steps=20, logger=CSVLogger(tmp_path), callbacks=[guard], log_every_n_steps=0)
+    t.fit(FaultyMLP({5: "inf", 12: "spike"}), digits_loader())
+    assert guard.internal_errors == 0 and guard.summary()["steps"] == 20
+    assert [(e.step, e.kind, e.actions) for e in guard.events] == [
+        (5, "nonfinite", ("skip", "alert")), (12, "exploding", ("clip", "alert"))]
+    (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
+    assert [int(r["step"]) for r in csv.DictReader(open(path)) if r.get("grad/norm_total")] == [5, 12]
 
 
 def test_topk_limits_per_layer_keys(tmp_path):
