@@ -18,6 +18,8 @@ Each is a small unit that knows nothing of detection or Lightning:
 from __future__ import annotations
 
 import copy
+import math
+import weakref
 from collections import deque
 from collections.abc import Iterable
 
@@ -85,6 +87,7 @@ class DeviceVerdict:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
+        self._mine: set[str] = set()  # what this verdict handed to the coming step
         self._handle = optimizer.register_step_post_hook(self._clear)
 
     @staticmethod
@@ -93,20 +96,33 @@ class DeviceVerdict:
         return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
     def set(self, found_inf: Tensor | None = None, grad_scale: Tensor | None = None) -> None:
-        """Hand the next step these (float32 device scalars); ``None``: that one is not handed over."""
+        """Hand the next step these (float32 device scalars); ``None``: that one is not handed over.
+
+        Another verdict's for the same step (two guards on one optimizer) is combined, not replaced: the
+        step is skipped if either says so, and the larger ``grad_scale`` (the tighter clip) applies
+        (``torch.maximum``, on the device).
+        """
+        held = self.optimizer.__dict__
         for name, value in zip(self._NAMES, (found_inf, grad_scale)):
             if value is None:
-                self.optimizer.__dict__.pop(name, None)
-            else:
-                setattr(self.optimizer, name, value)
+                if name in self._mine:
+                    held.pop(name, None)
+                    self._mine.discard(name)
+                continue
+            other = held.get(name) if name not in self._mine else None  # another verdict's, this step
+            held[name] = value if other is None else torch.maximum(other, value.to(other.device, other.dtype))
+            self._mine.add(name)
 
     def _clear(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         for name in self._NAMES:
             optimizer.__dict__.pop(name, None)
+        self._mine.clear()
 
     def remove(self) -> None:
-        """Leave the optimizer as it was."""
-        self._clear(self.optimizer, (), {})
+        """Leave the optimizer as it was (another verdict's hand-over aside)."""
+        for name in self._mine:
+            self.optimizer.__dict__.pop(name, None)
+        self._mine.clear()
         self._handle.remove()
 
 
@@ -131,7 +147,8 @@ class LRScale:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self._value = 1.0
         self._optimizer = optimizer
-        self._saved: list | None = None  # the unscaled LRs while inside step(), else None
+        self._saved: list | None = None  # the LRs this scale found inside step() (unscaled if first), else None
+        _SCALES.setdefault(optimizer, []).append(self)
         self._handles = (
             optimizer.register_step_pre_hook(self._pre),
             optimizer.register_step_post_hook(self._post),
@@ -161,18 +178,32 @@ class LRScale:
             # within optimizer.step, after the pre-hook; apply the new factor to this step too
             self._apply(self._optimizer)
 
+    # Several scales on one optimizer (two guards with "reduce_lr") multiply. Their pre-hooks run in order,
+    # each on the LR the one before it left, and so do their post-hooks: each giving back what it found
+    # would leave the first scale's factor in the group after every step (compounding). The first scale
+    # inside step() gives back the unscaled LRs for all of them.
+    def _inside(self) -> list[LRScale]:
+        return [s for s in _SCALES.get(self._optimizer, ()) if s._saved is not None] or [self]
+
     def _apply(self, optimizer) -> None:
-        for group, lr in zip(optimizer.param_groups, self._saved):
-            group["lr"] = lr * self._value if self._value != 1.0 else lr
+        inside = self._inside()
+        factor = math.prod(s._value for s in inside)
+        for group, lr in zip(optimizer.param_groups, inside[0]._saved):
+            group["lr"] = lr * factor if factor != 1.0 else lr
 
     def _pre(self, optimizer, args, kwargs) -> None:
         self._saved = [group["lr"] for group in optimizer.param_groups]
         if self._value != 1.0:
-            self._apply(optimizer)
+            for group, lr in zip(optimizer.param_groups, self._saved):
+                group["lr"] = lr * self._value
 
     def _post(self, optimizer, args, kwargs) -> None:
-        for group, lr in zip(optimizer.param_groups, self._saved or []):
+        if self._saved is None:  # given back already, by the first scale
+            return
+        for group, lr in zip(optimizer.param_groups, self._inside()[0]._saved):
             group["lr"] = lr
+        for s in _SCALES.get(optimizer, ()):
+            s._saved = None
         self._saved = None
 
     def remove(self) -> None:
@@ -181,8 +212,15 @@ class LRScale:
         values back never runs, and a checkpoint saved then would hold the scaled LR as the schedule's."""
         if self._saved is not None:
             self._post(self._optimizer, (), {})
+        scales = _SCALES.get(self._optimizer, [])
+        if self in scales:
+            scales.remove(self)
         for handle in self._handles:
             handle.remove()
+
+
+# the scales hooked on each optimizer, in hook order
+_SCALES: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[LRScale]] = weakref.WeakKeyDictionary()
 
 
 class Snapshots:

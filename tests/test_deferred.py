@@ -154,6 +154,40 @@ def test_bad_settings_are_refused_at_construction():
         GradGuard(sync="deferred", on_nonfinite=("skip", "rollback"))
 
 
+def test_a_second_deferred_guard_that_only_logs_does_not_cancel_the_first_ones_skip():
+    # both hand a verdict to the same fused optimizer; the second's "no skip" once removed the first's skip
+    guards = [GradGuard(sync="deferred"),
+              GradGuard(sync="deferred", prefix="watch/", on_nonfinite="log", on_exploding="log")]
+    model = FusedMLP({7: "nan_layer", 11: "spike"}, lr=1e-2)
+    trainer(max_steps=15, callbacks=guards).fit(model, digits_loader())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert adam_steps(model) == {14}  # step 7 skipped by the device (Adam step count 14 of 15)
+    assert [(e.step, e.actions) for e in guards[0].events] == [(7, ("skip", "alert")), (11, ("clip", "alert"))]
+    assert [(e.step, e.actions) for e in guards[1].events] == [(7, ("log",)), (11, ("log",))]
+
+
+def test_two_verdicts_for_one_step_combine():
+    from lightning_gradguard.actions import DeviceVerdict
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=1.0, fused=True)
+    first, second = DeviceVerdict(opt), DeviceVerdict(opt)
+    p.grad = torch.full((2,), 8.0)
+    first.set(found_inf=torch.tensor(0.0), grad_scale=torch.tensor(2.0))
+    second.set(found_inf=torch.tensor(0.0), grad_scale=torch.tensor(8.0))  # the tighter clip wins
+    opt.step()
+    assert p.tolist() == [0.0, 0.0] and not hasattr(opt, "grad_scale")
+    first.set(found_inf=torch.tensor(1.0))
+    second.set(found_inf=None, grad_scale=None)  # says nothing: the first's skip stands
+    opt.step()
+    assert p.tolist() == [0.0, 0.0]
+    first.set(found_inf=torch.tensor(1.0))
+    second.remove()  # takes only its own hand-over away
+    assert opt.found_inf.item() == 1.0
+    first.remove()
+    assert not hasattr(opt, "found_inf")
+
+
 def test_raise_comes_one_step_late_and_the_nan_never_reaches_the_weights():
     guard = GradGuard(sync="deferred", on_nonfinite=("skip", "raise"))
     model = FusedMLP({5: "nan_layer"})

@@ -99,6 +99,42 @@ def test_the_logged_lr_and_update_ratios_are_those_the_step_applied(sync, tmp_pa
         assert row["grad/update_ratio/net.0"] == pytest.approx(ratio, rel=1e-5)
 
 
+def test_two_guards_reducing_the_lr_multiply_and_give_the_schedule_back():
+    # the README lets two guards coexist (prefixes differ); each hooks its own scale on the optimizer, and
+    # the second's post-hook once gave back the LR as scaled by the first: the LR halved every step
+    guards = [GradGuard(on_exploding=("reduce_lr", "log"), lr_factor=0.5, lr_cooldown=100) for _ in range(2)]
+    guards[1].prefix = "second/"
+    model = Scheduled("lambda")
+    trainer(max_steps=24, callbacks=guards).fit(model, digits_loader())
+    assert [g._watches[0].lr_scale.value for g in guards] == [0.5, 0.5]  # neither clips: both see the spike
+    for step, applied in model.applied.items():
+        expected = model.scheduled[step] * (0.25 if step >= SPIKE else 1.0)
+        assert applied == pytest.approx(expected, rel=1e-4), step
+    twin = Scheduled("lambda", spike_at=-1)
+    trainer(max_steps=24).fit(twin, digits_loader())
+    assert model.scheduled == pytest.approx(twin.scheduled)  # the schedule itself untouched
+
+
+def test_stacked_lr_scales_removed_inside_the_step_leave_the_unscaled_lr():
+    from lightning_gradguard.actions import LRScale
+
+    p = nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    first, second = LRScale(opt), LRScale(opt)
+    first.value, second.value = 0.5, 0.25
+    seen = []
+    p.grad = torch.ones(1)
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(o.param_groups[0]["lr"]))
+    opt.step()
+    assert seen == [0.125] and opt.param_groups[0]["lr"] == 1.0
+    second.value = 0.5  # inside a step: applies to it at once, on top of the first's factor
+    first._pre(opt, (), {}), second._pre(opt, (), {})
+    second.value = 1.0
+    assert opt.param_groups[0]["lr"] == 0.5
+    second.remove(), first.remove()  # an exception inside step(): no post-hook; the unscaled LR comes back
+    assert opt.param_groups[0]["lr"] == 1.0
+
+
 def test_lr_scale_survives_resume_and_recovers(tmp_path):
     guard = GradGuard(on_exploding="reduce_lr", lr_recover_after=10, lr_factor=0.5)
     t = trainer(max_steps=16, callbacks=[guard])
