@@ -206,6 +206,11 @@ class LRScale:
             s._saved = None
         self._saved = None
 
+    def unscaled(self) -> list[float] | None:
+        """Inside ``step()``: each param group's LR without the scales (the schedule's); else ``None``
+        (the groups hold it then)."""
+        return None if self._saved is None else list(self._inside()[0]._saved)
+
     def remove(self) -> None:
         """Unhook, leaving the groups' ``lr`` unscaled: removed from inside ``step()`` (an exception raised
         in Lightning's training closure, the guard's ``"raise"``), the post-hook that gives the schedule's

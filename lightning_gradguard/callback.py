@@ -430,6 +430,7 @@ class GradGuard(Callback):
         self._reduce = None  # cross-rank reduction of partial sums, for sharded strategies
         self._trainer: weakref.ref | None = None  # for the statistics still in flight at checkpoint time
         self._n_optimizers = 0  # the trainer's, at train start
+        self._skip_load = False  # see on_load_checkpoint
         self._module: weakref.ref | None = None
         self._late_error: GradientHealthError | None = None  # a "raise" found at checkpoint time, raised next hook
 
@@ -620,10 +621,15 @@ class GradGuard(Callback):
         (of the first optimizer), ``worst_layer`` (the layer named by most
         events, or ``None``).
         """
-        counts = {k: sum(w.counts[k] for w in self._watches.values()) for k in _COUNTS}
+        # a resumed run's optimizers not stepped yet: their state as loaded
+        loaded = [w.get("counts", {}) for i, w in self._pending_state.items() if i not in self._watches]
+        counts = {k: sum(w.counts[k] for w in self._watches.values()) + sum(int(c.get(k, 0)) for c in loaded)
+                  for k in _COUNTS}
         steps = max(counts.get("steps", 0), 1)
         named = [e.layer for e in self.events if e.layer is not None]
         first = self._watches.get(0)
+        lr_scale = (first.lr_scale.value if first.lr_scale is not None else 1.0) if first is not None else float(
+            self._pending_state.get(0, {}).get("lr_scale", 1.0))
         return {
             **{f"events/{kind}": self._event_counts.get(kind, 0) for kind in KINDS},
             "steps": counts.get("steps", 0),
@@ -631,7 +637,7 @@ class GradGuard(Callback):
             "skipped_fraction": counts.get("skipped", 0) / steps,
             "rollbacks": counts.get("rollbacks", 0),
             "amp_overflows": counts.get("amp_overflows", 0),
-            "lr_scale": first.lr_scale.value if first is not None and first.lr_scale is not None else 1.0,
+            "lr_scale": lr_scale,
             # ties go to the layer named first (deterministic, unlike set order)
             "worst_layer": max(dict.fromkeys(named), key=named.count) if named else None,
         }
@@ -1920,7 +1926,31 @@ class GradGuard(Callback):
         }
 
     @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # saved from inside optimizer.step() (Lightning runs the training closure there: a SLURM requeue
+        # signal, a checkpoint in the user's own hook), the param groups hold the LR times the guard's
+        # scale; the checkpoint gets the schedule's own, or a resume would apply the scale twice
+        states = checkpoint.get("optimizer_states")
+        for watch in self._watches.values():
+            lrs = watch.lr_scale.unscaled() if watch.lr_scale is not None else None
+            if lrs is None or not isinstance(states, list) or watch.index >= len(states):
+                continue
+            groups = states[watch.index].get("param_groups") if isinstance(states[watch.index], dict) else None
+            if isinstance(groups, list) and len(groups) == len(lrs):
+                for group, lr in zip(groups, lrs):
+                    group["lr"] = lr
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores the callbacks for validate/test/predict(ckpt_path=...) too; only a fit resumes the
+        # run, the others must not replace the guard's live state (nor leave it to a later fit)
+        self._skip_load = getattr(trainer.state, "fn", None) not in (None, "fit")
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._skip_load:
+            self._skip_load = False
+            return
         self.events = [GradEvent.from_dict(e) for e in state_dict.get("events", [])]
         self._event_counts = {**self._event_counts, **state_dict.get("event_counts", {})}
         self._pending_state = {int(i): w for i, w in state_dict.get("watches", {}).items()}

@@ -151,6 +151,41 @@ def test_lr_scale_survives_resume_and_recovers(tmp_path):
     assert resumed._watches[0].lr_scale.value == 1.0
 
 
+def test_a_checkpoint_saved_inside_the_step_holds_the_schedules_lr_and_a_resume_scales_it_once(tmp_path):
+    # Lightning runs the training closure inside optimizer.step, where the groups hold lr x scale: a checkpoint
+    # saved there (a SLURM requeue signal, the user's own hook) once stored that as the schedule's LR
+    class SavesInsideStep(Scheduled):
+        def on_before_optimizer_step(self, optimizer):
+            super().on_before_optimizer_step(optimizer)
+            if self.global_step == 16:
+                self.trainer.save_checkpoint(tmp_path / "inside.ckpt")
+
+    guard = GradGuard(on_exploding="reduce_lr", lr_factor=0.5)
+    model = SavesInsideStep("lambda")
+    trainer(max_steps=18, callbacks=[guard]).fit(model, digits_loader())
+    saved = torch.load(tmp_path / "inside.ckpt", weights_only=False)
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(model.scheduled[16])
+    assert model.applied[16] == pytest.approx(model.scheduled[16] * 0.5, rel=1e-4)  # the live step kept its scale
+    resumed = Scheduled("lambda", spike_at=-1)
+    trainer(max_steps=22, callbacks=[GradGuard(on_exploding="reduce_lr", lr_factor=0.5)]).fit(
+        resumed, digits_loader(), ckpt_path=tmp_path / "inside.ckpt")
+    twin = Scheduled("lambda", spike_at=-1)
+    trainer(max_steps=22).fit(twin, digits_loader())
+    for step in (18, 21):
+        assert resumed.applied[step] == pytest.approx(twin.scheduled[step] * 0.5, rel=1e-4), step
+
+
+def test_a_resume_with_no_step_left_still_summarises_the_run(tmp_path):
+    guard = GradGuard(on_exploding="reduce_lr", lr_factor=0.5)
+    t = trainer(max_steps=16, callbacks=[guard])
+    t.fit(Scheduled("lambda"), digits_loader())
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    resumed = GradGuard(on_exploding="reduce_lr", lr_factor=0.5)
+    trainer(max_steps=16, callbacks=[resumed]).fit(Scheduled("lambda"), digits_loader(), ckpt_path=tmp_path / "c.ckpt")
+    assert resumed.summary() == guard.summary()
+    assert resumed.summary()["steps"] == 16 and resumed.summary()["lr_scale"] == 0.5
+
+
 def test_reduce_lr_acts_on_the_optimizer_of_a_second_fit():
     # a second fit() builds a new optimizer; the guard's LR scale stayed on the first one, so its
     # reduce_lr was logged but never applied

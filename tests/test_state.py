@@ -93,6 +93,38 @@ def test_a_guard_reused_by_another_trainer_starts_a_new_run(tmp_path):
     assert guard.summary()["steps"] == 40 and guard._watches[0].detector.steps == 40
 
 
+def test_validate_and_test_from_a_checkpoint_leave_the_guards_run_alone(tmp_path):
+    # Lightning restores callbacks for every stage: validate/test(ckpt_path=...) replaced the live run's state
+    from helpers import FaultyMLP
+
+    class Evaluated(FaultyMLP):
+        def validation_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        test_step = validation_step
+
+    other = trainer(max_steps=8, callbacks=[GradGuard()])
+    other.fit(Evaluated({5: "inf"}), digits_loader())
+    early = tmp_path / "early.ckpt"
+    other.save_checkpoint(early)  # another run's state: an event at step 5, 8 steps
+
+    guard = GradGuard(on_nonfinite=("skip", "reduce_lr"), lr_factor=0.5)
+    t = trainer(max_steps=24, callbacks=[guard], limit_val_batches=2, limit_test_batches=2)
+    model = Evaluated({14: "inf"})
+    t.fit(model, digits_loader())
+    before = (list(guard.events), guard.summary())
+    assert [e.step for e in guard.events] == [14] and before[1]["lr_scale"] == 0.5
+    t.validate(model, digits_loader(), ckpt_path=early, verbose=False)
+    t.test(model, digits_loader(), ckpt_path=early, verbose=False)
+    assert (guard.events, guard.summary()) == before
+
+    fresh = GradGuard()  # a new Trainer validating a checkpoint, then fitting from scratch: a new run
+    t2 = trainer(max_steps=4, callbacks=[fresh], limit_val_batches=2)
+    t2.validate(Evaluated({}), digits_loader(), ckpt_path=early, verbose=False)
+    t2.fit(Evaluated({}), digits_loader())
+    assert fresh.events == [] and fresh.summary()["steps"] == 4
+
+
 def test_a_changed_growth_window_keeps_the_loss_levels():
     """The loss trend's ring has growth_window slots: another size was refused whole, levels included, and the
     run's initial loss level became the first loss after the resume."""
