@@ -184,7 +184,13 @@ class GradReport:
             lines.append("")
         if len(self.events) > 10:
             lines += [f"... and {len(self.events) - 10} more events", ""]
-        flagged = {name for e in self.events for name in (e.layers or ((e.layer,) if e.layer else ()))}
+        # with several optimizers the table's keys are ``opt<i>/<layer>``: name the flagged rows the same way
+        several = bool(self.layers) and "global" not in self.layers
+        flagged = {
+            f"opt{e.optimizer}/{name}" if several else name
+            for e in self.events
+            for name in (e.layers or ((e.layer,) if e.layer else ()))
+        }
         lines.append(f"gradient L2 norm per layer over {self.steps} steps (< : named by an event):")
         lines += _table(self.layers, flagged, max_rows)
         settings = ", ".join(f"{k}={v!r}" for k, v in self.overrides.items())
@@ -223,6 +229,11 @@ def check_gradients(
     logger, checkpointing, progress bar, model summary or validation;
     ``trainer_kwargs`` adds or overrides Trainer arguments (``precision``,
     ``accumulate_grad_batches``, ``gradient_clip_val``, extra ``callbacks``...).
+    The strict guard comes first among the callbacks, so it sees every step's
+    gradients before any of yours; a ``GradGuard`` of your own among
+    ``trainer_kwargs["callbacks"]`` is refused (``ValueError``): it would skip,
+    clip or roll back the very steps under check. Pass its settings as
+    keyword arguments instead.
     ``seed`` seeds Python, NumPy and torch first (``None``: leave them alone).
     It trains ``model`` in place. A ``pytorch_lightning.LightningModule``
     runs on ``pytorch_lightning``'s Trainer.
@@ -236,6 +247,8 @@ def check_gradients(
             is ``GradReport.format()``: what, where, when, the numbers, the
             usual causes, the per-layer norms. ``err.events`` holds the events,
             ``err.report`` the :class:`GradReport`.
+        ValueError: ``max_steps`` below 1, an invalid :class:`GradGuard` argument,
+            or a ``GradGuard`` in ``trainer_kwargs["callbacks"]`` (before training).
         RuntimeError: the run could not be checked: no optimizer step, steps the
             guard itself failed on (internal errors), or a ``GradGuard`` from the
             module's ``configure_callbacks()`` that Lightning put in place of the
@@ -256,9 +269,12 @@ def check_gradients(
     )
     kwargs.update(trainer_kwargs or {})
     extra = kwargs.pop("callbacks", None) or []
+    extra = list(extra) if isinstance(extra, (list, tuple)) else [extra]
+    _refuse_other_guards(extra, guard_cls)
     # a model that never steps (manual optimization without `opt.step()`) would never reach max_steps
     budget = _batch_budget(pl, 10 * max_steps * int(kwargs.get("accumulate_grad_batches", 1)))
-    kwargs["callbacks"] = [*([extra] if not isinstance(extra, (list, tuple)) else extra), guard, budget]
+    # the strict guard first: it sees the gradients before any other callback can change them
+    kwargs["callbacks"] = [guard, *extra, budget]
 
     error: GradientHealthError | None = None
     with _quiet():
@@ -333,6 +349,22 @@ class _Collector(GuardSink):
         return out
 
 
+def _refuse_other_guards(callbacks: list, guard_cls: type) -> None:
+    """A ``GradGuard`` among ``trainer_kwargs``' callbacks would act on the gradients the strict one checks."""
+    from lightning_gradguard.callback import GradGuard  # the pytorch_lightning one subclasses it
+
+    others = [c for c in callbacks if isinstance(c, GradGuard)]
+    if others:
+        raise ValueError(
+            f"check_gradients: trainer_kwargs['callbacks'] holds {len(others)} {type(others[0]).__name__}"
+            f"{'s' if len(others) > 1 else ''}, but check_gradients runs its own strict {guard_cls.__name__} "
+            "(every condition raises). A second guard would skip, clip or roll back the steps it is meant to "
+            "check, or clash with it in the Trainer. Leave it out of the callbacks (e.g. "
+            "`[c for c in callbacks if not isinstance(c, GradGuard)]`) and pass the settings you want checked "
+            "as keyword arguments: check_gradients(model, loader, max_norm=10.0)."
+        )
+
+
 def _namespace(model: Any) -> tuple[Any, type]:
     """``(lightning.pytorch, GradGuard)``, or the ``pytorch_lightning`` pair for a module of that package."""
     import lightning.pytorch as lp
@@ -395,7 +427,7 @@ def _table(layers: Mapping[str, LayerNorms], flagged: set[str], max_rows: int) -
     names = list(layers)
     if len(names) > max_rows:
         keep = set(names[: max_rows // 2]) | set(names[-(max_rows // 4):]) | {n for n in names if n in flagged}
-        keep |= {"global"}
+        keep |= {n for n in names if n.rpartition("/")[2] == "global"}  # each optimizer's global norm
     else:
         keep = set(names)
     width = max([len(n) for n in names if n in keep] + [5])

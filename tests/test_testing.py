@@ -158,7 +158,8 @@ def test_a_run_the_guard_could_not_check_fails(monkeypatch):
         raise ZeroDivisionError("planted")
 
     monkeypatch.setattr(GradGuard, "_analyse", broken)
-    with pytest.raises(RuntimeError, match=r"the guard failed on 6 step\(s\) of DigitsMLP .*ZeroDivisionError: planted"):
+    failed = r"the guard failed on 6 step\(s\) of DigitsMLP .*ZeroDivisionError: planted"
+    with pytest.raises(RuntimeError, match=failed):
         check_gradients(DigitsMLP(), digits_loader(), max_steps=6)
 
 
@@ -169,7 +170,8 @@ def test_a_guard_from_configure_callbacks_replacing_the_strict_one_fails_with_th
         def configure_callbacks(self):
             return [GradGuard()]  # lenient: skips the Inf instead of raising
 
-    with pytest.raises(RuntimeError, match=r"OwnGuard.configure_callbacks\(\) returns a GradGuard, and Lightning replaced"):
+    replaced = r"OwnGuard.configure_callbacks\(\) returns a GradGuard, and Lightning replaced"
+    with pytest.raises(RuntimeError, match=replaced):
         check_gradients(OwnGuard({3: "inf"}), digits_loader(), max_steps=6)
 
 
@@ -197,9 +199,103 @@ def test_no_step_taken_is_an_error_not_a_pass():
 
 
 def test_every_reason_has_a_hint():
-    reasons = ("nan", "inf", "weights", "amp_overflow", "spike", "growth", "max_norm", "update_ratio", "dead", "relative", "drop")
+    reasons = (
+        "nan", "inf", "weights", "amp_overflow", "spike", "growth", "max_norm", "update_ratio", "dead", "relative",
+        "drop",
+    )
     for key in (*reasons, "nonfinite", "exploding", "vanishing"):
         assert len(HINTS[key]) > 40, key
     from lightning_gradguard import GradEvent
 
     assert hint(GradEvent(0, "exploding", None, 1.0, 1.0, (), "", reason="something_new")) == HINTS["exploding"]
+
+
+class NaNLossAt(DigitsMLP):
+    """The loss is NaN at step ``bad``: every gradient of that step is NaN."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == self.bad else loss
+
+
+def test_the_strict_guard_sees_the_gradients_before_the_users_callbacks():
+    """The strict guard came after trainer_kwargs' callbacks: one that cleaned the gradients first hid a NaN step."""
+
+    class Sanitise(pl.Callback):  # a user's callback that repairs gradients in place
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    p.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+    with pytest.raises(GradientHealthError, match=r"nonfinite \(nan\) at step 3"):
+        check_gradients(NaNLossAt(3), digits_loader(), max_steps=6, trainer_kwargs={"callbacks": [Sanitise()]})
+
+
+@pytest.mark.parametrize("callbacks", ["list", "single", "prefixed"])
+def test_a_gradguard_of_the_users_in_trainer_kwargs_is_refused(callbacks):
+    """A user's own GradGuard skipped the NaN step before the strict guard saw it (the check passed), or, with
+    the same prefix, Lightning failed with 'more than one stateful callback'."""
+    from lightning_gradguard import GradGuard
+
+    class Spy(pl.Callback):
+        started = False
+
+        def on_train_start(self, trainer, pl_module):
+            Spy.started = True
+
+    given = {"list": [Spy(), GradGuard()], "single": GradGuard(), "prefixed": (GradGuard(prefix="prod/"),)}[callbacks]
+    with pytest.raises(ValueError, match=r"trainer_kwargs\['callbacks'\] holds 1 GradGuard, but check_gradients runs "
+                                         r"its own strict GradGuard .* pass the settings you want checked as keyword"):
+        check_gradients(NaNLossAt(3), digits_loader(), max_steps=6, trainer_kwargs={"callbacks": given})
+    assert not Spy.started  # refused before any training
+
+
+class TwoOptimizers(pl.LightningModule):
+    """An encoder and a decoder with an optimizer each (decoder second); at batch ``bad`` the gradient of
+    ``dec.2`` alone holds an Inf."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.enc = nn.Sequential(nn.Linear(64, 32), nn.Tanh())
+        self.dec = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32),
+                                 nn.Tanh(), nn.Linear(32, 10))
+        self.bad = bad
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        enc_opt, dec_opt = self.optimizers()
+        enc_opt.zero_grad()
+        dec_opt.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self.dec(self.enc(x)), y))
+        if batch_idx == self.bad:
+            self.dec[2].weight.grad[0, 0] = float("inf")
+        dec_opt.step()
+        enc_opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.enc.parameters(), lr=0.01), torch.optim.SGD(self.dec.parameters(), lr=0.01)
+
+
+def test_with_several_optimizers_the_flagged_layer_is_marked_and_kept_in_the_table():
+    """The table's keys are `opt<i>/<layer>` with several optimizers, but the flagged set held bare names:
+    no row was marked, and a cut table left the flagged layer out."""
+    with pytest.raises(GradientHealthError) as info:
+        check_gradients(TwoOptimizers(bad=3), digits_loader(), max_steps=12)
+    err = info.value
+    event = err.events[0]
+    assert (event.kind, event.reason, event.layer, event.optimizer) == ("nonfinite", "inf", "dec.2", 1)
+    assert list(err.report.layers) == ["opt0/global", "opt0/enc.0", "opt1/global", "opt1/dec.0", "opt1/dec.2",
+                                       "opt1/dec.4", "opt1/dec.6"]
+    marked = re.findall(r"^  (\S+) +<  ", str(err), re.M)
+    assert marked == ["opt1/dec.2"]
+    # cut to 4 rows: the first two, the last, every optimizer's global norm and the flagged layer stay
+    table = err.report.format(max_rows=4).split("(< : named by an event):\n")[1]
+    rows = re.findall(r"^  (opt\S+) ", table, re.M)
+    assert rows == ["opt0/global", "opt0/enc.0", "opt1/global", "opt1/dec.2", "opt1/dec.6"]
+    assert re.search(r"^  opt1/dec\.2 +<  ", table, re.M)
+    assert table.count("  ... 1 more\n") == 2  # opt1/dec.0 and opt1/dec.4
