@@ -484,9 +484,10 @@ class GradGuard(Callback):
                 f"(one host sync per step), or bf16-mixed / 32-true precision on a single device or DDP."
             )
         active = list(self.sinks)
-        if self.wandb is not False and not any(type(s).__name__ == "WandbSink" for s in active):
-            from lightning_gradguard.integrations.wandb import WandbSink, wandb_run
+        if self.wandb is not False:
+            from lightning_gradguard.integrations.wandb import WandbSink, wandb_run  # imports no wandb itself
 
+        if self.wandb is not False and not any(isinstance(s, WandbSink) for s in active):  # a subclass too
             if wandb_run(trainer) is not None:
                 active.append(WandbSink())
             elif self.wandb and trainer.is_global_zero:
@@ -1521,7 +1522,9 @@ class GradGuard(Callback):
                 "rollback" in configured[e.kind] or (applied is not None and e.kind != "vanishing")
             ):  # under "rollback": a lone bad step, or nothing to restore (see above); or skipped by the device
                 acts.insert(0, "skip")
-            if "alert" in configured[e.kind] and self._alert_due(e, step):
+            # the run stops, raises or rolls back, or its weights broke: alerted whatever the quiet window
+            escalated = bool(_ESCALATIONS & set(acts)) or bool(taken.get("stop")) or e.reason == "weights"
+            if "alert" in configured[e.kind] and (self._alert_due(e, step) or escalated):
                 acts.insert(min(len(acts), acts.index("log") + 1 if "log" in acts else len(acts)), "alert")
             if taken.get("stop") and "stop" not in acts:
                 acts.append("stop")
@@ -2068,6 +2071,7 @@ def _on_device(value: Any) -> bool:
 _RESUME_CHECK_STEPS = 10  # steps after a resume within which the layers trained before it must show gradients
 
 # reasons that mean the weights are already damaged (a rollback is due even on the first bad step)
+_ESCALATIONS = frozenset({"stop", "raise", "rollback"})
 _DAMAGE = frozenset({"growth", "grad_weight_ratio", "amp_overflow", "weights"})
 
 

@@ -728,7 +728,7 @@ def log_summary_metrics(guard: Any, trainer: Any, summary: dict, step: int) -> d
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     }
     for logger in getattr(trainer, "loggers", []):
-        if type(logger).__name__ == "WandbLogger":
+        if any(cls.__name__ == "WandbLogger" for cls in type(logger).__mro__):  # a subclass too; no import
             continue  # the W&B sink writes the run summary
         logger.log_metrics(metrics, step=step)
         logger.save()

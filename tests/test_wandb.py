@@ -250,8 +250,15 @@ def test_level_title_and_text():
     assert alert_level(event(1, "exploding", actions=("rollback", "alert"))) == "ERROR"
     long = event(3, "vanishing", "model.encoder.layers.23.attention.self.query_key_value.lora_A", optimizer=2)
     title = alert_title(long)
-    assert len(title) == 63 and title.startswith("GradGuard: vanishing gradients in ...")
-    assert title.endswith("lora_A (optimizer 2)")
+    assert title == "GradGuard: vanishing gradients in ...a.s.q.lora_A (optimizer 2)" and len(title) <= 63
+    # W&B drops an alert whose title it saw within wait_duration: layers that differ in a block number only
+    # must not share a title (they did when the head of the name was cut off)
+    names = [f"model.encoder.layers.{i}.self_attention.out_proj.lora_B" for i in (0, 1, 11)]
+    titles = [alert_title(event(1, "vanishing", name, actions=("alert",))) for name in names]
+    assert titles == [f"GradGuard: vanishing gradients in m.e.l.{i}.s.out_proj.lora_B" for i in (0, 1, 11)]
+    stopped = alert_title(event(1, actions=("skip", "alert", "stop")))
+    assert stopped == "GradGuard stopped the run: nonfinite gradients in net.0"
+    assert alert_title(event(1, actions=("rollback", "alert"))) == "GradGuard rolled back: nonfinite gradients in net.0"
     text = alert_text(long)
     assert "optimizer: 2" in text and "layer: model.encoder.layers.23" in text
 
@@ -331,3 +338,64 @@ def test_sync_deferred_logs_each_step_at_its_own_step_and_alerts(wandb_env):
     assert rows[20]["grad/clip_coef"] < 1 and rows[20]["grad/clipped_steps"] == 1
     assert [a["title"] for a in run.alerts] == ["GradGuard: nonfinite gradients in net.0",
                                                 "GradGuard: exploding gradients in net.0"]
+
+
+def test_a_stopped_run_alerts_within_the_quiet_window_and_subclasses_are_recognised(wandb_env):
+    """The stop of the run is the alert that matters most: the guard's quiet window and the sink's held it
+    back (the layer had alerted at the first NaN), and its title would have been dropped by W&B's own
+    per-title limit. A subclass of WandbSink is the W&B sink (not one more beside it), a subclass of
+    WandbLogger is W&B's logger (the summary goes to the run summary, not into its history)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    class MySink(WandbSink):
+        pass
+
+    class MyLogger(WandbLogger):
+        pass
+
+    sink = MySink(pictures=False)
+    guard = GradGuard(sinks=[sink], max_consecutive_skips=4)
+    trainer(logger=MyLogger(offline=True, save_dir=str(wandb_env)), max_steps=STEPS, log_every_n_steps=5,
+            callbacks=[guard]).fit(FaultyMLP({s: "inf" for s in range(6, STEPS)}), digits_loader())
+    wandb.finish()
+    run = read_run(find_run_file(str(wandb_env)))
+    assert guard._active_sinks == [sink]
+    assert [e.actions for e in guard.events][-1] == ("skip", "alert", "stop")
+    assert [(a["title"], a["level"]) for a in run.alerts] == [
+        ("GradGuard: nonfinite gradients in net.0", "ERROR"),
+        ("GradGuard stopped the run: nonfinite gradients in net.0", "ERROR"),
+    ]
+    assert "step: 9" in run.alerts[1]["text"] and "max_consecutive_skips" in run.alerts[1]["text"]
+    assert not run.rows_with("grad/summary/steps") and run.summary["grad/steps"] == 10
+
+
+def test_a_stop_alert_goes_out_past_max_alerts(fake):
+    sink = make_sink(fake, [0.0], max_alerts=1)
+    sink.on_event(FakeGuard(), None, event(1))
+    sink.on_event(FakeGuard(), None, event(2))  # held back: max_alerts
+    sink.on_event(FakeGuard(), None, event(3, actions=("skip", "alert", "stop")))
+    assert [a["title"] for a in fake.alerts] == ["GradGuard: nonfinite gradients in net.0",
+                                                 "GradGuard stopped the run: nonfinite gradients in net.0"]
+
+
+def test_the_summary_for_other_loggers_skips_a_wandb_logger_subclass(wandb_env):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_gradguard.pictures import log_summary_metrics
+
+    class Recording(WandbLogger):
+        def log_metrics(self, metrics, step=None):
+            self.got = metrics
+
+    class Other:
+        def log_metrics(self, metrics, step=None):
+            self.got = metrics
+
+        def save(self):
+            pass
+
+    mine, other = Recording(offline=True, save_dir=str(wandb_env)), Other()
+    log_summary_metrics(FakeGuard(), SimpleNamespace(loggers=[mine, other]), {"steps": 3}, step=2)
+    assert not hasattr(mine, "got") and other.got == {"grad/summary/steps": 3.0}  # W&B: the run summary

@@ -71,18 +71,51 @@ def alert_title(event: Any) -> str:
     >>> from lightning_gradguard import GradEvent
     >>> alert_title(GradEvent(7, "nonfinite", "net.0", float("nan"), float("inf"), ("skip",), "..."))
     'GradGuard: nonfinite gradients in net.0'
-    >>> title = alert_title(GradEvent(7, "vanishing", "encoder.layers.11.self_attention.out_proj.lora_B",
-    ...                                1e-9, 1e-5, ("alert",), "..."))
-    >>> title, len(title)
-    ('GradGuard: vanishing gradients in ...attention.out_proj.lora_B', 63)
+    >>> alert_title(GradEvent(7, "vanishing", "encoder.layers.11.self_attention.out_proj.lora_B",
+    ...                       1e-9, 1e-5, ("alert",), "..."))
+    'GradGuard: vanishing gradients in e.l.11.s.out_proj.lora_B'
+    >>> alert_title(GradEvent(9, "nonfinite", "net.0", float("nan"), float("inf"), ("skip", "alert", "stop"), "..."))
+    'GradGuard stopped the run: nonfinite gradients in net.0'
+
+    A run stopped, raised or rolled back gets a title of its own (the server's per-title limit would
+    drop it after the layer's first alert).
     """
     opt = f" (optimizer {event.optimizer})" if getattr(event, "optimizer", 0) else ""
-    head = f"GradGuard: {event.kind} gradients"
+    head = f"GradGuard{_outcome(event)}: {event.kind} gradients"
     if event.layer is None:
         return f"{head} (global){opt}"[:_TITLE_MAX]
     room = _TITLE_MAX - len(head) - len(" in ") - len(opt)
-    layer = event.layer if len(event.layer) <= room else "..." + event.layer[-(room - 3) :]
-    return f"{head} in {layer}{opt}"
+    return f"{head} in {_shorten(event.layer, room)}{opt}"
+
+
+def _outcome(event: Any) -> str:
+    """What the guard did to the run, in the title: the server would drop an alert whose title it
+    saw within ``wait_duration`` (the first alert of that layer), and this one must get through."""
+    actions = set(event.actions)
+    if "raise" in actions or "stop" in actions:
+        return " stopped the run"
+    if "rollback" in actions:
+        return " rolled back"
+    return ""
+
+
+def _shorten(name: str, room: int) -> str:
+    """``name`` in ``room`` characters, its distinguishing parts kept: the words before the last one are
+    cut to their first letter, left to right (block numbers stay), then the head is cut off.
+
+    >>> _shorten("encoder.layers.11.self_attention.out_proj.lora_B", 29)
+    'e.l.11.s.out_proj.lora_B'
+    """
+    if len(name) <= room:
+        return name
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if not parts[i].isdigit():
+            parts[i] = parts[i][:1]
+        if len(".".join(parts)) <= room:
+            return ".".join(parts)
+    short = ".".join(parts)
+    return short if len(short) <= room else "..." + short[-(room - 3):]
 
 
 def _num(x: float) -> str:
@@ -288,10 +321,13 @@ class WandbSink(GuardSink):
 
     # ------------------------------------------------------------------ alerts
     def _alert(self, event) -> None:
-        key = (event.kind, event.layer, getattr(event, "optimizer", 0))
+        key = (event.kind, event.layer, getattr(event, "optimizer", 0), _outcome(event))
         now = self._clock()
         last = self._last_alert.get(key)
-        if (last is not None and now - last < self.alert_window_s) or self.alerts_sent >= self.max_alerts:
+        # the run stopped or raised: always told (one per run); a rollback has its own window
+        final = _outcome(event) == " stopped the run"
+        if not final and ((last is not None and now - last < self.alert_window_s)
+                          or self.alerts_sent >= self.max_alerts):
             self.alerts_suppressed += 1
             self._held_back[key] = self._held_back.get(key, 0) + 1
             return
