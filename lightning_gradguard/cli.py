@@ -6,10 +6,23 @@
     gradguard lightning_logs/ --png flow.png --html report.html   # newest record below a folder
     gradguard run.jsonl --fail-on nonfinite,exploding             # vanishing reported, not failing
 
-Exit status: ``0`` healthy (no event of the ``--fail-on`` kinds), ``1`` events
-found, ``2`` the record is missing or corrupt, or a picture could not be
-written (one line on stderr). Colour only when stdout is a terminal and
-``NO_COLOR`` is unset. Records are written by
+Exit status:
+
+- ``0`` healthy: a finished record, with optimizer steps, and no event of the
+  ``--fail-on`` kinds;
+- ``1`` events of the ``--fail-on`` kinds found, or counted by the summary line
+  but missing from the record (a resumed run's record lacks the events before
+  the resume; they are in the earlier record);
+- ``2`` the gate cannot vouch for the run (one line on stderr, after the report
+  when there is one): the record is missing or corrupt; it did not finish (no
+  summary line: the run crashed, was killed or is still running, or its record
+  was switched off, by a full disk say), unless ``--allow-unfinished``; it
+  finished with no optimizer step; a picture could not be written; or a bad
+  argument. Events of the ``--fail-on`` kinds win: an unfinished record with
+  one exits 1.
+
+``gradguard rec | head -1`` ends quietly with the same status. Colour only when
+stdout is a terminal and ``NO_COLOR`` is unset. Records are written by
 :class:`~lightning_gradguard.record.RecordSink`; run it as ``gradguard`` or
 ``python -m lightning_gradguard.cli``.
 """
@@ -29,7 +42,7 @@ from typing import IO
 import numpy as np
 
 from lightning_gradguard.events import KINDS
-from lightning_gradguard.record import RecordError, RunRecord, read_record
+from lightning_gradguard.record import FILENAME, RecordError, RunRecord, read_record
 
 __all__ = ["EXIT_ERROR", "EXIT_EVENTS", "EXIT_OK", "format_report", "main", "render_html", "render_png"]
 
@@ -51,36 +64,78 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail_on = _kinds(args.fail_on)
     except ValueError as err:
         parser.print_usage(sys.stderr)
-        print(f"gradguard: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+        return _error(str(err))
+    # exit 1 means "events found": no failure of the command itself may end in a traceback (exit 1)
     try:
         record = read_record(args.record)
     except RecordError as err:
-        print(f"gradguard: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
-
-    out = sys.stdout
-    print(format_report(record, fail_on=fail_on, color=_use_color(out), max_rows=args.max_rows), file=out)
+        return _error(str(err))
+    except Exception as err:  # noqa: BLE001 - see above
+        return _error(f"cannot read {args.record}: {_one_line(err)}")
+    say = _Say()
     try:
+        status, verdict = _verdict(record, fail_on, args.allow_unfinished)
+        say(format_report(record, fail_on=fail_on, color=_use_color(sys.stdout), max_rows=args.max_rows,
+                          allow_unfinished=args.allow_unfinished))
         if args.png or args.html:
-            png = render_png(record)
-            if args.png:
-                _write(args.png, png)
-                print(f"gradient-flow picture: {args.png}", file=out)
-            if args.html:
-                _write(args.html, render_html(record, png, fail_on=fail_on).encode("utf-8"))
-                print(f"HTML report: {args.html}", file=out)
-    except (OSError, ImportError) as err:
-        print(f"gradguard: error: cannot write the picture: {err}", file=sys.stderr)
-        return EXIT_ERROR
-    return EXIT_EVENTS if _failing(record, fail_on) else EXIT_OK
+            try:
+                png = render_png(record)
+                if args.png:
+                    _write(args.png, png)
+                    say(f"gradient-flow picture: {args.png}")
+                if args.html:
+                    page = render_html(record, png, fail_on=fail_on, allow_unfinished=args.allow_unfinished)
+                    _write(args.html, page.encode("utf-8"))
+                    say(f"HTML report: {args.html}")
+            except (OSError, ImportError) as err:
+                return _error(f"cannot write the picture: {err}")
+    except Exception as err:  # noqa: BLE001 - see above
+        return _error(f"cannot report on {record.path}: {_one_line(err)}")
+    if status == EXIT_ERROR:
+        _error(verdict)
+    return status
+
+
+def _error(message: str) -> int:
+    print(f"gradguard: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+class _Say:
+    """Print to stdout; once the reader has gone (``gradguard rec | head -1``), print nothing more, quietly:
+    the exit status stays the gate's (the usual idiom: the rest, and the flush at exit, go to devnull)."""
+
+    def __init__(self) -> None:
+        self.gone = False
+
+    def __call__(self, text: str) -> None:
+        if self.gone:
+            return
+        try:
+            print(text, file=sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self.gone = True
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            except (OSError, ValueError, AttributeError):  # not a real file (a test's StringIO)
+                pass
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradguard",
         description="Report on a GradGuard run record (gradguard.jsonl, written by RecordSink) and gate CI on it.",
-        epilog="exit status: 0 healthy, 1 events of the --fail-on kinds found, 2 missing/corrupt record",
+        epilog="exit status: 0 healthy; 1 events of the --fail-on kinds found (or counted by the summary but "
+               "missing from the record: a resumed run); 2 the gate cannot vouch for the run: a missing or corrupt "
+               "record, an unfinished one (no summary line; see --allow-unfinished), one with no optimizer step. "
+               "Events win: an unfinished record with an event exits 1.",
     )
     parser.add_argument("record", help="the record file, or a folder to search for the newest gradguard.jsonl")
     parser.add_argument("--png", metavar="PATH", help="write the gradient-flow picture (PNG)")
@@ -91,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-rows", metavar="N", type=_positive_int, default=30,
                         help="layers shown in the table (default 30)")
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="a record without its summary line (a live run's) exits by its events only, not 2")
     return parser
 
 
@@ -122,6 +179,68 @@ def _failing(record: RunRecord, fail_on: Sequence[str]) -> list:
     return [e for e in record.events if e.kind in fail_on]
 
 
+def _unrecorded(record: RunRecord, fail_on: Sequence[str]) -> list[tuple[str, int, int]]:
+    """``(kind, counted, held)`` where the summary counts more events of a ``fail_on`` kind than the record
+    holds: the file was rewritten by a resumed run (or by another fit of the same guard)."""
+    summary = record.summary or {}
+    held = {k: sum(e.kind == k for e in record.events) for k in fail_on}
+    return [(k, summary[f"events/{k}"], held[k]) for k in fail_on
+            if isinstance(summary.get(f"events/{k}"), int) and summary[f"events/{k}"] > held[k]]
+
+
+def _steps(record: RunRecord) -> int:
+    """Optimizer steps: the summary's count (all steps), else the recorded ones."""
+    steps = (record.summary or {}).get("steps")
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        return steps
+    return sum(len(s) for s in record.steps.values())
+
+
+def _verdict(record: RunRecord, fail_on: Sequence[str], allow_unfinished: bool = False) -> tuple[int, str]:
+    """The exit status and the verdict line; the command, the terminal report and the HTML page share it."""
+    failing, unrecorded = _failing(record, fail_on), _unrecorded(record, fail_on)
+    if failing or unrecorded:  # events win over an unfinished record
+        parts = []
+        if failing:
+            kinds = sorted({e.kind for e in failing}, key=KINDS.index)
+            parts.append(f"{len(failing)} event{'s' if len(failing) > 1 else ''} ({', '.join(kinds)}); "
+                         f"first at step {failing[0].step}")
+        if unrecorded:
+            parts.append(", ".join(f"the summary counts {n} {kind} event{'s' if n > 1 else ''}, the record holds {m}"
+                                   for kind, n, m in unrecorded)
+                         + ": the events before a resume are in the earlier record")
+        return EXIT_EVENTS, "FAIL: " + "; ".join(parts)
+    if record.finished and _steps(record) == 0:
+        return EXIT_ERROR, ("no optimizer step was recorded: the run finished without the guard checking a "
+                            "gradient (an empty dataloader, max_steps=0, manual optimization without opt.step()?)")
+    if not record.finished and not allow_unfinished:
+        ends = [int(s[-1]) for s in record.steps.values() if len(s)]
+        after = f"the steps after step {max(ends)}" if ends else "any step (none was recorded)"
+        return EXIT_ERROR, ("the record did not finish (no summary line: the run crashed, was killed or is still "
+                            "running, or its record was switched off, by a full disk say): the gate cannot vouch "
+                            f"for {after}; --allow-unfinished gates a live run on its events so far")
+    other = f" ({len(record.events)} events of other kinds)" if record.events else ""
+    return EXIT_OK, f"OK: no {'/'.join(fail_on) or 'failing'} events{other}"
+
+
+def _beside(path: str) -> list[str]:
+    """The other records in the folder of ``gradguard.jsonl`` / ``gradguard-<prefix>.jsonl``: those of other
+    guards of the same run (see RecordSink)."""
+    folder, name = os.path.split(path)
+    stem, ext = os.path.splitext(FILENAME)
+
+    def ours(n: str) -> bool:
+        return n == FILENAME or (n.startswith(stem + "-") and n.endswith(ext))
+
+    if not ours(name):
+        return []
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return []
+    return sorted(n for n in names if n != name and ours(n))
+
+
 def _use_color(stream: IO[str]) -> bool:
     # https://no-color.org: any NO_COLOR turns colour off; so does a pipe, a file or a dumb terminal
     if "NO_COLOR" in os.environ or os.environ.get("TERM") == "dumb":
@@ -142,8 +261,10 @@ def _g(x: float) -> str:
 
 
 # ---------------------------------------------------------------------- terminal
-def format_report(record: RunRecord, fail_on: Sequence[str] = KINDS, color: bool = False, max_rows: int = 30) -> str:
-    """The terminal report: the run, its events (with usual causes), per-layer norms, the verdict."""
+def format_report(record: RunRecord, fail_on: Sequence[str] = KINDS, color: bool = False, max_rows: int = 30,
+                  allow_unfinished: bool = False) -> str:
+    """The terminal report: the run, its events (with usual causes), per-layer norms, the verdict (``FAIL``:
+    exit 1, ``ERROR``: exit 2, ``OK``; see the module docstring)."""
     from lightning_gradguard.testing import hint
 
     def c(text: str, style: str) -> str:
@@ -151,10 +272,10 @@ def format_report(record: RunRecord, fail_on: Sequence[str] = KINDS, color: bool
 
     lines = [c(f"gradguard record: {record.path}", "bold")]
     header = record.header
-    steps = int((record.summary or {}).get("steps", sum(len(s) for s in record.steps.values())))
+    steps = _steps(record)
     n_layers = sum(len(v) for v in record.layers.values())
-    module = header.get("trainer", {}).get("module") or "?"
-    every = header.get("record", {}).get("every_n_steps", 1)
+    module = (header.get("trainer") or {}).get("module") or "?"
+    every = (header.get("record") or {}).get("every_n_steps", 1)
     lines.append(
         f"  {module}: {steps} steps, {len(record.layers) or 1} optimizer{'s' if len(record.layers) > 1 else ''}, "
         f"{n_layers} layers, norms recorded every {every} step{'s' if every != 1 else ''}"
@@ -163,6 +284,10 @@ def format_report(record: RunRecord, fail_on: Sequence[str] = KINDS, color: bool
         lines.append(c("  the run did not finish (no summary line: crashed, killed or still running)", "yellow"))
     if record.truncated:
         lines.append(c("  the last line was cut off mid-write and ignored", "yellow"))
+    others = _beside(record.path)
+    if others:
+        lines.append(c(f"  other records beside it (another GradGuard's; gate each one): {', '.join(others)}",
+                       "yellow"))
     counts = {k: sum(e.kind == k for e in record.events) for k in KINDS}
     lines.append("  events: " + ", ".join(f"{counts[k]} {k}" for k in KINDS))
     lines.append("")
@@ -215,14 +340,10 @@ def format_report(record: RunRecord, fail_on: Sequence[str] = KINDS, color: bool
             lines.append(f"  ... {len(names) - 1 - previous} more")
         lines.append("")
 
-    failing = _failing(record, fail_on)
-    if failing:
-        kinds = sorted({e.kind for e in failing}, key=KINDS.index)
-        lines.append(c(f"FAIL: {len(failing)} event{'s' if len(failing) > 1 else ''} ({', '.join(kinds)}); "
-                       f"first at step {failing[0].step}", "red"))
-    else:
-        other = f" ({len(record.events)} events of other kinds)" if record.events else ""
-        lines.append(c(f"OK: no {'/'.join(fail_on) or 'failing'} events{other}", "green"))
+    status, verdict = _verdict(record, fail_on, allow_unfinished)
+    if status == EXIT_ERROR:
+        verdict = "ERROR: " + verdict
+    lines.append(c(verdict, "green" if status == EXIT_OK else "red"))
     return "\n".join(lines)
 
 
@@ -250,7 +371,7 @@ def render_png(record: RunRecord, dpi: int = 100) -> bytes:
     from lightning_gradguard.pictures import figure_to_array, heatmap_figure
 
     opts = sorted(o for o in record.layers if len(record.steps.get(o, ()))) or sorted(record.layers)[:1] or [0]
-    module = record.header.get("trainer", {}).get("module") or "run"
+    module = (record.header.get("trainer") or {}).get("module") or "run"
     figures = []
     for opt in opts:
         history = _history(record, opt)
@@ -293,14 +414,14 @@ def _history(record: RunRecord, opt: int):
     return history
 
 
-def render_html(record: RunRecord, png: bytes, fail_on: Sequence[str] = KINDS) -> str:
+def render_html(record: RunRecord, png: bytes, fail_on: Sequence[str] = KINDS, allow_unfinished: bool = False) -> str:
     """A self-contained HTML page: verdict, the picture (inlined base64 PNG), events, per-layer table, config."""
     from lightning_gradguard.testing import hint
 
     e_ = html.escape
-    failing = _failing(record, fail_on)
-    verdict = (f"FAIL: {len(failing)} event(s) of kinds {', '.join(sorted({e.kind for e in failing}, key=KINDS.index))}"
-               if failing else "OK: no failing events")
+    status, verdict = _verdict(record, fail_on, allow_unfinished)
+    if status == EXIT_ERROR:
+        verdict = "ERROR: " + verdict
     rows = "".join(
         f"<tr class='{e_(e.kind)}'><td>{e.step}</td><td>{e_(e.kind)}</td><td>{e_(e.reason)}</td>"
         f"<td><code>{e_(e.layer or 'global')}</code></td><td>{_g(e.value)}</td><td>{_g(e.threshold)}</td>"
@@ -329,8 +450,8 @@ def render_html(record: RunRecord, png: bytes, fail_on: Sequence[str] = KINDS) -
         f"<tr><td><code>{e_(str(k))}</code></td><td>{e_(json.dumps(v))}</td></tr>"
         for k, v in record.header.get("config", {}).items()
     )
-    steps = (record.summary or {}).get("steps", "?")
-    module = record.header.get("trainer", {}).get("module", "")
+    steps = _steps(record)
+    module = (record.header.get("trainer") or {}).get("module", "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>GradGuard report: {e_(module)}</title>
 <style>
@@ -338,7 +459,7 @@ body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: .5em 0 1.5em; }}
 td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; vertical-align: top; }}
 .verdict {{ font-weight: bold; padding: .4em .8em; display: inline-block; color: white;
-           background: {'#c62828' if failing else '#2e7d32'}; }}
+           background: {'#c62828' if status != EXIT_OK else '#2e7d32'}; }}
 tr.nonfinite td:nth-child(2) {{ color: #d62728; }} tr.exploding td:nth-child(2) {{ color: #e65100; }}
 tr.vanishing td:nth-child(2) {{ color: #1f77b4; }}
 img {{ max-width: 100%; }}

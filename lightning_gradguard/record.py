@@ -12,18 +12,23 @@ One JSON object per line, told apart by ``"type"``:
   layer names in the order of the norms), ``config`` (the guard's arguments),
   ``trainer`` facts, package versions, ``record`` (this sink's settings);
 - ``layers``: the layer names of an optimizer first seen after the header, or
-  its new layer names when they changed (a param group added mid-run: the
-  step lines after it follow the new names; :func:`read_record` maps the
-  earlier ones onto them, 0 for a layer they lacked);
+  its new layer names when they changed (a param group added mid-run, an
+  optimizer replaced by one over fewer layers: the step lines after it follow
+  the new names; :func:`read_record` maps every step onto the last names plus
+  the removed ones, 0 for a layer a step lacked);
 - ``step``: ``step`` (``trainer.global_step``), ``optimizer``, ``norms``: the
   global L2 gradient norm then one per layer, rounded to ``digits``
   significant digits (0 for a layer without gradients this step; ``"nan"`` /
   ``"inf"`` strings where non-finite, as JSON has no NaN);
 - ``event``: :meth:`GradEvent.to_dict` (``value`` / ``threshold`` as above);
+  the run's events before this fit (restored by a resume: the file is
+  written afresh) come right after the header, with ``"earlier": true``;
 - ``summary`` (last line): :meth:`GradGuard.summary` plus ``norms``, per
   optimizer the ``first`` / ``last`` / ``min`` / ``max`` of every series over
   *all* steps (recorded or not; min and max over finite values) and
-  ``nonfinite`` (steps with NaN/Inf).
+  ``nonfinite`` (steps with NaN/Inf), in the optimizer's last layout
+  (:meth:`RunRecord.layer_stats` maps them by name). A record without it did
+  not finish, and the ``gradguard`` gate does not pass it.
 
 Size: about ``digits + 6`` bytes per layer per recorded step; 500 layers every
 step for 10,000 steps is ~50 MB, so pass ``every_n_steps`` on long runs (steps
@@ -40,17 +45,20 @@ with events are always recorded).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
+import re
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
 
-from lightning_gradguard.events import GradEvent
+from lightning_gradguard.events import KINDS, GradEvent
 from lightning_gradguard.sinks import GuardSink, series_columns
 
 __all__ = ["FILENAME", "FORMAT", "VERSION", "NormSummary", "RecordError", "RecordSink", "RunRecord", "read_record"]
@@ -58,6 +66,12 @@ __all__ = ["FILENAME", "FORMAT", "VERSION", "NormSummary", "RecordError", "Recor
 FORMAT = "gradguard-record"
 VERSION = 1
 FILENAME = "gradguard.jsonl"
+
+log = logging.getLogger(__name__)
+_STATS = ("first", "last", "min", "max", "nonfinite")
+# the records this process is writing (normalised path -> its sink): a second sink that resolves to one of
+# them writes a file of its own instead of interleaving its lines into the first one's (see RecordSink)
+_OPEN: dict[str, weakref.ref] = {}
 
 
 class RecordError(ValueError):
@@ -130,7 +144,8 @@ class NormSummary:
         return {
             opt: {
                 # numpy arrays on the host: no sync
-                "first": s.first.tolist(), "last": s.last.tolist(), "min": s.min.tolist(), "max": s.max.tolist(),  # no sync
+                "first": s.first.tolist(), "last": s.last.tolist(),  # no sync
+                "min": s.min.tolist(), "max": s.max.tolist(),  # no sync
                 "nonfinite": s.nonfinite.tolist(), "steps": s.steps,  # numpy: no sync
             }
             for opt, s in self.series.items()
@@ -154,7 +169,17 @@ class RecordSink(GuardSink):
 
     The file is line-buffered, so a run that crashes leaves a readable record
     up to its last step. Like every sink it runs on rank 0 only, and a failure
-    here is reported once and switches the sink off; training goes on.
+    here is reported once and switches the sink off (its file is closed, and the
+    record, without its summary line, fails the ``gradguard`` gate); training
+    goes on.
+
+    Two sinks never share a file: one whose path is already being written by
+    another RecordSink in this process (two guards with ``record=True``, say)
+    writes ``<name>-<prefix>.jsonl`` beside it instead, ``<prefix>`` being its
+    guard's ``prefix`` made file-safe (``"grad2/"`` -> ``gradguard-grad2.jsonl``;
+    ``<name>-2.jsonl``, ``-3``, ... if that is taken too), and warns once naming
+    both paths. ``gradguard <folder>`` reads ``gradguard.jsonl`` (the first
+    guard's) and its report names the other records beside it: gate each one.
 
     Attributes:
         path: the file being (or last) written, once fitting started.
@@ -182,22 +207,35 @@ class RecordSink(GuardSink):
     # -- GuardSink
     def setup(self, guard, trainer) -> None:
         self.close()
-        self.path = self._resolve(trainer)
+        wanted = self._resolve(trainer)
+        self.path = _free_path(wanted, getattr(guard, "prefix", ""))
+        if self.path != wanted:
+            log.warning("GradGuard: %s is being written by another RecordSink in this process (another GradGuard's "
+                        "record); this one writes %s", wanted, self.path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         # line-buffered: a crash leaves every complete line on disk
         self._file = open(self.path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in on_fit_end
+        _OPEN[_key(self.path)] = weakref.ref(self)
         self._layers, self._pending, self._norms = {}, None, NormSummary()
         self._header = self._make_header(guard, trainer)
 
     def on_step(self, guard, trainer, *, optimizer, step, log_step, layers, norms, metrics) -> None:
         if self._file is None:
             return
+        try:
+            self._on_step(optimizer, step, layers, norms, guard)
+        except BaseException:
+            self.close()  # the guard switches this sink off: let go of the file (and its path)
+            raise
+
+    def _on_step(self, optimizer, step, layers, norms, guard) -> None:
         self._pending = None
         known = self._layers.get(optimizer)
         if known != tuple(layers):  # the first step, or the layers changed (a param group added mid-run)
             self._layers[optimizer] = tuple(layers)
             if self._header is not None:
                 self._write_header()
+                self._write_earlier(guard, step)
             else:
                 self._write({"type": "layers", "optimizer": optimizer, "layers": list(layers)})
             if known is not None:
@@ -211,6 +249,13 @@ class RecordSink(GuardSink):
     def on_event(self, guard, trainer, event: GradEvent) -> None:
         if self._file is None:
             return
+        try:
+            self._on_event(event)
+        except BaseException:
+            self.close()
+            raise
+
+    def _on_event(self, event: GradEvent) -> None:
         if self._pending is not None and self._pending[:2] == (event.optimizer, event.step):
             self._file.write(_step_line(*self._pending, self.digits) + "\n")
             self._pending = None
@@ -219,19 +264,31 @@ class RecordSink(GuardSink):
     def on_fit_end(self, guard, trainer, summary: dict) -> None:
         if self._file is None:
             return
+        try:
+            self._on_fit_end(summary, guard)
+        finally:
+            self.close()
+
+    def _on_fit_end(self, summary: dict, guard) -> None:
         if self._header is not None:  # no optimizer step ran
             self._write_header()
+            self._write_earlier(guard, None)
         norms = {
             str(opt): {k: _round(v, self.digits) if k != "steps" else v for k, v in values.items()}
             for opt, values in self._norms.as_dict().items()
         }
         self._write({"type": "summary", **summary, "norms": norms, "time": time.time()})
-        self.close()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._file is None:
+            return
+        file, self._file = self._file, None
+        if self.path is not None and _OPEN.get(_key(self.path), lambda: None)() is self:
+            del _OPEN[_key(self.path)]
+        try:
+            file.close()
+        except OSError:  # a full disk: the buffered tail is lost, the complete lines before it are on disk
+            pass
 
     # -- helpers
     def _resolve(self, trainer) -> str:
@@ -267,6 +324,14 @@ class RecordSink(GuardSink):
             "record": {"every_n_steps": self.every_n_steps, "digits": self.digits},
         }
 
+    def _write_earlier(self, guard, step: int | None) -> None:
+        """The run's events before this fit's first step (``step``): restored from the checkpoint of a
+        resume, or of an earlier fit of the same Trainer. This file replaces the earlier one, and a gate
+        reading it must see the whole run's events (``"earlier": true`` tells them apart)."""
+        for event in getattr(guard, "events", ()):
+            if step is None or event.step < step:
+                self._write({"type": "event", **event.to_dict(), "earlier": True})
+
     def _write_header(self) -> None:
         header, self._header = self._header, None
         header["layers"] = {str(opt): list(names) for opt, names in self._layers.items()}
@@ -274,6 +339,30 @@ class RecordSink(GuardSink):
 
     def _write(self, obj: dict) -> None:
         self._file.write(json.dumps(_plain(obj), separators=(",", ":"), allow_nan=False) + "\n")
+
+
+def _key(path: str) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _free_path(path: str, prefix: str) -> str:
+    """``path``, or if a RecordSink of this process is writing it, ``<name>-<prefix><ext>`` beside it
+    (then ``<name>-2<ext>``, ``-3``, ...): two sinks appending to one file would interleave their lines.
+
+    >>> _free_path("logs/gradguard.jsonl", "grad2/")
+    'logs/gradguard.jsonl'
+    """
+
+    def busy(candidate: str) -> bool:
+        sink = _OPEN.get(_key(candidate), lambda: None)()
+        return sink is not None and sink._file is not None
+
+    if not busy(path):
+        return path
+    base, ext = os.path.splitext(path)
+    tag = re.sub(r"[^0-9A-Za-z._-]+", "-", str(prefix or "")).strip("-.")
+    candidates = ([f"{base}-{tag}{ext}"] if tag else []) + [f"{base}-{i}{ext}" for i in range(2, 10_000)]
+    return next(c for c in candidates if not busy(c))
 
 
 def _log_dir(trainer) -> str:
@@ -339,6 +428,9 @@ class RunRecord:
             overflow steps hold Infs by design).
         summary: the summary line, or ``None`` when the run did not end (crashed, killed, still running).
         truncated: the last line was cut off mid-write (and ignored).
+        summary_layers: per optimizer, the layer names the summary's ``norms`` follow: the last layout
+            written before the summary line. It lacks the layers removed mid-run (an optimizer replaced by
+            one over fewer layers) that ``layers`` keeps; :meth:`layer_stats` maps one onto the other.
     """
 
     path: str
@@ -349,6 +441,7 @@ class RunRecord:
     events: list[GradEvent] = field(default_factory=list)
     summary: dict[str, Any] | None = None
     truncated: bool = False
+    summary_layers: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -359,10 +452,38 @@ class RunRecord:
         return ["global", *self.layers.get(optimizer, ())]
 
     def layer_stats(self, optimizer: int = 0) -> dict[str, np.ndarray]:
-        """``first`` / ``last`` / ``min`` / ``max`` / ``nonfinite`` per series (the summary's, else the recorded steps')."""
+        """``first`` / ``last`` / ``min`` / ``max`` / ``nonfinite`` per series, aligned with :meth:`series_names`.
+
+        The summary's (over all steps), mapped by name; a layer the summary lacks (removed mid-run: the
+        summary follows the last layout) gets the recorded steps' statistics, which count it as 0 after
+        its removal (the record's rule for a layer without gradients). Without a summary: the recorded
+        steps'.
+
+        >>> record = RunRecord("r.jsonl", {}, layers={0: ("head", "body")}, steps={0: np.array([0, 1])},
+        ...                    norms={0: np.array([[2.0, 1.0, 3.0], [1.0, 1.0, 0.0]])},
+        ...                    summary={"norms": {"0": {"first": [2.0, 1.0], "last": [1.0, 1.0], "min": [0.5, 0.5],
+        ...                                             "max": [2.0, 1.0], "nonfinite": [0, 0]}}},
+        ...                    summary_layers={0: ("head",)})
+        >>> record.layer_stats(0)["min"].tolist()  # global and head: the summary's; body, removed: the recorded
+        [0.5, 0.5, 0.0]
+        """
         stats = ((self.summary or {}).get("norms") or {}).get(str(optimizer))
-        if stats:
-            return {k: _floats(stats[k]) for k in ("first", "last", "min", "max", "nonfinite")}
+        if not stats:
+            return self._recorded_stats(optimizer)
+        summary = {k: _floats(stats[k]) for k in _STATS}
+        names = self.series_names(optimizer)
+        follows = ["global", *self.summary_layers.get(optimizer, self.layers.get(optimizer, ()))]
+        if follows == names:
+            return summary
+        where = {name: i for i, name in enumerate(follows)}
+        recorded = self._recorded_stats(optimizer)
+        return {
+            k: np.array([summary[k][where[name]] if name in where else recorded[k][i] for i, name in enumerate(names)])
+            for k in _STATS
+        }
+
+    def _recorded_stats(self, optimizer: int) -> dict[str, np.ndarray]:
+        """The statistics of the recorded steps (``nan``, 0 non-finite, when none was recorded)."""
         norms = self.norms.get(optimizer)
         if norms is None or not len(norms):
             width = 1 + len(self.layers.get(optimizer, ()))
@@ -372,16 +493,17 @@ class RunRecord:
         for row in norms:
             summary.update(optimizer, row)
         stats = summary.as_dict()[optimizer]
-        return {k: _floats(stats[k]) for k in ("first", "last", "min", "max", "nonfinite")}
+        return {k: _floats(stats[k]) for k in _STATS}
 
 
 def read_record(path: str | os.PathLike) -> RunRecord:
     """Read a record written by :class:`RecordSink`; ``path`` may be the file or a folder holding one.
 
-    A folder is searched for ``gradguard.jsonl`` (the newest one below it).
-    Raises :class:`RecordError` (one-line message) for a missing, empty or
-    corrupt file. A last line cut off mid-write (a killed run) is ignored and
-    ``truncated`` set.
+    A folder is searched for ``gradguard.jsonl`` (the one in it, else the newest one below it; the
+    ``gradguard-<prefix>.jsonl`` of a second guard beside it is read by naming it). Raises
+    :class:`RecordError` (one-line message) for a missing, empty or corrupt file (a line of the wrong
+    shape: a field of the wrong type, an event of an unknown kind, summary norms that do not match the
+    layers). A last line cut off mid-write (a killed run) is ignored and ``truncated`` set.
     """
     path = _find(os.fspath(path))
     try:
@@ -409,33 +531,25 @@ def read_record(path: str | os.PathLike) -> RunRecord:
             raise RecordError(f"{path}:{number}: {what} (invalid JSON)") from None
         kind = obj.get("type")
         if record is None:
-            if kind != "header" or obj.get("format") != FORMAT:
-                raise RecordError(f"{path}:{number}: not a gradguard record (no {FORMAT!r} header)")
-            if not isinstance(obj.get("version"), int) or obj["version"] > VERSION:
-                raise RecordError(
-                    f"{path}: record version {obj.get('version')!r} is newer than this lightning_gradguard reads "
-                    f"({VERSION}); upgrade lightning_gradguard"
-                )
-            record = RunRecord(path=path, header=obj)
-            record.layers = {int(k): tuple(v) for k, v in (obj.get("layers") or {}).items()}
+            record = _header(path, number, obj)
             continue
         try:
             if kind == "layers":
-                record.layers[int(obj["optimizer"])] = tuple(obj["layers"])
+                record.layers[_int(obj, "optimizer")] = _names(obj.get("layers"))
             elif kind == "step":
-                opt = int(obj.get("optimizer", 0))
+                opt, step = _int(obj, "optimizer", 0), _int(obj, "step")
+                if not isinstance(obj.get("norms"), list):
+                    raise ValueError(f"`norms` is {obj.get('norms')!r:.40}, not a list")
                 norms = _floats(obj["norms"])
                 width = 1 + len(record.layers.get(opt, ()))
                 if norms.shape != (width,):
                     raise ValueError(f"{len(norms)} norms for {width} series")
-                rows.setdefault(opt, []).append((int(obj["step"]), norms, record.layers.get(opt, ())))
+                rows.setdefault(opt, []).append((step, norms, record.layers.get(opt, ())))
             elif kind == "event":
-                event = GradEvent.from_dict(obj)
-                record.events.append(
-                    GradEvent(**{**event.to_dict(), "value": float(event.value), "threshold": float(event.threshold)})
-                )
+                record.events.append(_event(obj))
             elif kind == "summary":
-                record.summary = obj
+                _check_summary(obj, record.layers)
+                record.summary, record.summary_layers = obj, dict(record.layers)
             # other types: written by a newer minor version; skipped
         except (KeyError, TypeError, ValueError) as err:
             if last:
@@ -445,20 +559,119 @@ def read_record(path: str | os.PathLike) -> RunRecord:
     if record is None:
         raise RecordError(f"{path}: empty file, not a gradguard record")
     for opt, items in rows.items():
-        # the layers changed mid-run: every row in the last layout, plus layers only earlier rows had
+        # the layers changed mid-run: every row in the last layout, plus layers only earlier rows had; the
+        # rows share their layout's tuple, so the names are looked at once per distinct layout, not per row
+        layouts = list({id(layout): layout for _, _, layout in items}.values())  # distinct, in order
         final = list(record.layers.get(opt, ()))
-        final += dict.fromkeys(name for _, _, layout in items for name in layout if name not in set(final))
-        record.layers[opt] = tuple(final)
+        known = set(final)
+        for layout in layouts:
+            for name in layout:
+                if name not in known:
+                    known.add(name)
+                    final.append(name)
+        record.layers[opt] = final = tuple(final)
+        # per layout other than the final one: where each final column comes from (0 for a layer it lacked)
+        moves = {}
+        for layout in layouts:
+            if layout != final:
+                take = series_columns(layout, final)
+                moves[id(layout)] = (np.array([i or 0 for i in take]), np.array([i is None for i in take]))
         record.steps[opt] = np.array([s for s, _, _ in items], dtype=np.int64)
-        record.norms[opt] = np.stack([
-            n if layout == record.layers[opt]
-            else np.array([n[i] if i is not None else 0.0 for i in series_columns(layout, final)])
-            for _, n, layout in items
-        ])
+        record.norms[opt] = np.stack([n if id(layout) not in moves else _moved(n, *moves[id(layout)])
+                                      for _, n, layout in items])
     lost = _lost_events(record)
     if lost:
         record.events = sorted(record.events + lost, key=lambda e: e.step)
     return record
+
+
+def _moved(norms: np.ndarray, index: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    row = norms[index]
+    row[missing] = 0.0
+    return row
+
+
+def _header(path: str, number: int, obj: dict) -> RunRecord:
+    """The record a header line opens, checked (RecordError, one line, when it is not one)."""
+    if obj.get("type") != "header" or obj.get("format") != FORMAT:
+        raise RecordError(f"{path}:{number}: not a gradguard record (no {FORMAT!r} header)")
+    version = obj.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RecordError(f"{path}:{number}: corrupt header line (`version` {version!r:.40} is not an integer)")
+    if version > VERSION:
+        raise RecordError(
+            f"{path}: record version {version!r} is newer than this lightning_gradguard reads "
+            f"({VERSION}); upgrade lightning_gradguard"
+        )
+    try:
+        for key in ("layers", "config", "trainer", "versions", "record"):
+            if key in obj and not isinstance(obj[key], dict):
+                raise ValueError(f"`{key}` is {obj[key]!r:.40}, not an object")
+        layers = {int(k): _names(v) for k, v in obj.get("layers", {}).items()}
+    except ValueError as err:
+        raise RecordError(f"{path}:{number}: corrupt header line ({err})") from None
+    return RunRecord(path=path, header=obj, layers=layers)
+
+
+def _int(obj: dict, key: str, default: int | None = None) -> int:
+    if key not in obj and default is None:
+        raise ValueError(f"no `{key}`")
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{key}` is {value!r:.40}, not an integer")
+    return value
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise ValueError(f"layer names must be a list of strings, got {value!r:.40}")
+    return tuple(value)
+
+
+def _number(obj: dict, key: str) -> float:
+    if key not in obj:
+        raise ValueError(f"no `{key}`")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"`{key}` is {value!r:.40}, not a number")
+    return float(value)  # "nan" / "inf" / "-inf" as written; another string raises ValueError
+
+
+def _event(obj: dict) -> GradEvent:
+    """An event line, checked field by field: a gate must not pass an event it cannot read."""
+    if obj.get("kind") not in KINDS:
+        raise ValueError(f"unknown kind {obj.get('kind')!r:.40}; known: {', '.join(KINDS)}")
+    _int(obj, "step")
+    _int(obj, "optimizer", 0)
+    for key, types in (("layer", (str, type(None))), ("message", str), ("reason", str)):
+        if key in obj and not isinstance(obj[key], types):
+            raise ValueError(f"`{key}` is {obj[key]!r:.40}, not a string")
+    for key in ("actions", "layers"):
+        if key in obj and (not isinstance(obj[key], list) or not all(isinstance(a, str) for a in obj[key])):
+            raise ValueError(f"`{key}` is {obj[key]!r:.40}, not a list of strings")
+    value, threshold = _number(obj, "value"), _number(obj, "threshold")
+    event = GradEvent.from_dict(obj)
+    return GradEvent(**{**event.to_dict(), "value": value, "threshold": threshold})
+
+
+def _check_summary(obj: dict, layers: dict[int, tuple[str, ...]]) -> None:
+    """A summary line's counts are counts, and its norms match the layers they follow (the last layout)."""
+    for key in ("steps", *(f"events/{kind}" for kind in KINDS)):
+        if key in obj and (isinstance(obj[key], bool) or not isinstance(obj[key], int) or obj[key] < 0):
+            raise ValueError(f"`{key}` is {obj[key]!r:.40}, not a count")
+    norms = obj.get("norms", {})
+    if not isinstance(norms, dict):
+        raise ValueError(f"`norms` is {norms!r:.40}, not an object")
+    for opt, stats in norms.items():
+        width = 1 + len(layers.get(int(opt), ()))
+        if not isinstance(stats, dict):
+            raise ValueError(f"`norms` of optimizer {opt} is {stats!r:.40}, not an object")
+        for key in _STATS:
+            values = stats.get(key)
+            if not isinstance(values, list) or len(values) != width:
+                held = f"{len(values)} values" if isinstance(values, list) else f"{values!r:.40}"
+                raise ValueError(f"`norms` of optimizer {opt}: `{key}` holds {held} for {width} series")
+            _floats(values)
 
 
 def _lost_events(record: RunRecord) -> list[GradEvent]:
@@ -466,7 +679,7 @@ def _lost_events(record: RunRecord) -> list[GradEvent]:
     run was cut off (killed, crashed) after writing the step's norms and before its event line, and a
     CI gate must not pass a NaN because its line was lost. None for a finished run, nor under a fp16
     GradScaler (its overflow steps hold Infs by design and raise no event unless they persist)."""
-    precision = str(record.header.get("trainer", {}).get("precision", ""))
+    precision = str((record.header.get("trainer") or {}).get("precision", ""))
     if record.finished or precision.startswith("16"):
         return []
     reported = {(e.optimizer, e.step) for e in record.events if e.kind == "nonfinite"}

@@ -175,9 +175,63 @@ def test_a_param_group_added_mid_run_keeps_the_record_readable(tmp_path):
             expected = [ref.total[step]] + [ref.layers[step].get(k, 0.0) for k in record.layers[0]]
             np.testing.assert_allclose(row, expected, rtol=1e-3)
     stats = record.layer_stats(0)  # the summary's, relaid at the change
-    assert stats["max"][1] == pytest.approx(max(ref.layers[s].get("backbone.0", 0) for s in ref.layers if s != 20), rel=1e-3)
+    expected = max(ref.layers[s].get("backbone.0", 0) for s in ref.layers if s != 20)
+    assert stats["max"][1] == pytest.approx(expected, rel=1e-3)
     assert stats["first"][1] == 0 and stats["nonfinite"].tolist() == [1, 1, 0, 0]
     assert main([str(tmp_path)]) == 1  # read, reported, and failed on the NaN event
+
+
+class HeadOnlyLater(DigitsMLP):
+    """Epoch 1 replaces the optimizer by one over fewer layers (net.0 frozen): the layers shrink mid-run."""
+
+    def configure_optimizers(self):
+        if self.trainer.current_epoch >= 1:
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr, momentum=0.9)
+        return super().configure_optimizers()
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            self.net[0].requires_grad_(False)
+            self.trainer.strategy.setup_optimizers(self.trainer)
+
+
+def test_layers_removed_mid_run_report_by_name(tmp_path, capsys):
+    # the summary follows the last layout (net.2, net.4), the read record keeps net.0 too: the report
+    # crashed with an IndexError (a traceback, exit 1: "events found")
+    ref = NormRecorder()
+    trainer(max_steps=-1, max_epochs=2, default_root_dir=tmp_path,
+            callbacks=[ref, GradGuard(record=True)]).fit(HeadOnlyLater(), digits_loader(n=96))
+    record = read_record(tmp_path)
+    assert record.layers == {0: ("net.2", "net.4", "net.0")} and record.summary_layers == {0: ("net.2", "net.4")}
+    stats = record.layer_stats(0)
+    assert all(len(v) == 4 for v in stats.values())
+    for column, name in ((1, "net.2"), (2, "net.4")):  # the summary's, over every step, found by name
+        assert stats["max"][column] == pytest.approx(max(ref.layers[s][name] for s in range(6)), rel=1e-3)
+        assert stats["last"][column] == pytest.approx(ref.layers[5][name], rel=1e-3)
+    # net.0, removed: the recorded steps', 0 after its removal (the record's rule for no gradients)
+    assert stats["first"][3] == pytest.approx(ref.layers[0]["net.0"], rel=1e-3)
+    assert stats["max"][3] == pytest.approx(max(ref.layers[s]["net.0"] for s in range(3)), rel=1e-3)
+    assert (stats["last"][3], stats["min"][3], stats["nonfinite"][3]) == (0, 0, 0)
+    assert main([str(tmp_path), "--png", str(tmp_path / "f.png"), "--html", str(tmp_path / "r.html")]) == 0
+    out = capsys.readouterr().out
+    assert "  net.0   " in out and out.count("\n  net.") == 3 and "OK: no" in out
+
+
+def test_read_record_maps_every_layout_onto_the_final_layers(tmp_path):
+    # layouts (a, b) -> (b, c) -> (c): the final layers are the last layout, then the names only earlier rows
+    # had, in the order first seen; every row is mapped by name, 0 for a layer it lacked
+    path = _lines(
+        tmp_path / "r.jsonl", {**HEADER, "layers": {"0": ["a", "b"]}},
+        {"type": "step", "step": 0, "optimizer": 0, "norms": [5, 3, 4]},
+        {"type": "layers", "optimizer": 0, "layers": ["b", "c"]},
+        {"type": "step", "step": 1, "optimizer": 0, "norms": [13, 5, 12]},
+        {"type": "layers", "optimizer": 0, "layers": ["c"]},
+        {"type": "step", "step": 2, "optimizer": 0, "norms": [2, 2]},
+        {"type": "step", "step": 3, "optimizer": 0, "norms": [1, 1]},
+    )
+    record = read_record(path)
+    assert record.layers == {0: ("c", "a", "b")}
+    assert record.norms[0].tolist() == [[5, 0, 3, 4], [13, 12, 0, 5], [2, 2, 0, 0], [1, 1, 0, 0]]
 
 
 # ---------------------------------------------------------------------- reading bad files
@@ -336,7 +390,7 @@ def test_cli_writes_png_and_self_contained_html(records, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = page.read_text()
     assert html.startswith("<!doctype html>") and "data:image/png;base64,iVBOR" in html
-    assert "FAIL: 1 event(s) of kinds vanishing" in html and "<code>net.0</code>" in html
+    assert "FAIL: 1 event (vanishing); first at step 14" in html and "<code>net.0</code>" in html
     assert "src=\"http" not in html and "<link" not in html  # nothing external
     out = capsys.readouterr().out
     assert f"gradient-flow picture: {png}" in out and f"HTML report: {page}" in out
@@ -348,3 +402,190 @@ def test_python_dash_m_runs_the_command(records):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert "FAIL: 2 events (nonfinite); first at step 6" in done.stdout
+
+
+def _without(path, dest, *drop):
+    """The real record at ``path`` without the lines starting with any of ``drop``."""
+    with open(path) as f:
+        dest.write_text("".join(line for line in f if not line.startswith(drop)))
+    return dest
+
+
+def test_cli_an_unfinished_record_cannot_pass_the_gate(records, tmp_path, capsys):
+    # the summary line is missing: the run was killed, crashed, or its record was switched off
+    killed = _without(records["healthy"][1].path, tmp_path / "killed.jsonl", '{"type":"summary"')
+    assert main([str(killed)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == ("gradguard: error: the record did not finish (no summary line: the run crashed, was "
+                            "killed or is still running, or its record was switched off, by a full disk say): the "
+                            "gate cannot vouch for the steps after step 19; --allow-unfinished gates a live run on "
+                            "its events so far\n")
+    assert captured.out.rstrip().endswith("gates a live run on its events so far")  # after the report
+    assert "\nERROR: the record did not finish" in captured.out and "OK:" not in captured.out
+    assert main([str(killed), "--allow-unfinished"]) == 0  # a live run's record: by its events
+    assert "OK: no nonfinite/exploding/vanishing events" in capsys.readouterr().out
+    # events win: an unfinished record with an event of a --fail-on kind exits 1, as before
+    faulty = _without(records["faulty"][1].path, tmp_path / "faulty.jsonl", '{"type":"summary"')
+    assert main([str(faulty)]) == 1 and capsys.readouterr().err == ""
+    assert main([str(faulty), "--fail-on", "vanishing"]) == 2
+
+
+class _FullDisk(RecordSink):
+    def _on_step(self, optimizer, step, layers, norms, guard):
+        if step == 5:
+            raise OSError(28, "No space left on device")
+        super()._on_step(optimizer, step, layers, norms, guard)
+
+
+def test_cli_a_record_switched_off_mid_run_fails_the_gate(tmp_path, capsys):
+    sink = _FullDisk(tmp_path)
+    guard = GradGuard(sinks=[sink])
+    trainer(max_steps=8, callbacks=[guard]).fit(DigitsMLP(), digits_loader())
+    assert guard.summary()["steps"] == 8 and sink._file is None  # switched off, its file let go
+    assert not read_record(tmp_path).finished
+    assert main([str(tmp_path)]) == 2
+    assert "the gate cannot vouch for the steps after step 4" in capsys.readouterr().err
+
+
+def test_cli_a_run_without_optimizer_steps_fails_the_gate(tmp_path, capsys):
+    class NeverSteps(DigitsMLP):  # manual optimization that forgets opt.step(): nothing was checked
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            self.manual_backward(super().training_step(batch, batch_idx) * float("nan"))
+
+    trainer(max_steps=-1, max_epochs=1, limit_train_batches=3, default_root_dir=tmp_path,
+            callbacks=[GradGuard(record=True)]).fit(NeverSteps(), digits_loader())
+    record = read_record(tmp_path)
+    assert record.finished and record.summary["steps"] == 0
+    for extra in ([], ["--allow-unfinished"], ["--fail-on", "none"]):
+        assert main([str(tmp_path), *extra]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith("gradguard: error: no optimizer step was recorded: the run finished without")
+        assert captured.err.count("\n") == 1 and "\nERROR: no optimizer step was recorded" in captured.out
+
+
+def test_cli_events_counted_by_the_summary_but_missing_from_the_record_fail(records, tmp_path, capsys):
+    # a resumed run rewrote the file: its summary counts the events restored from the checkpoint, the
+    # record lacks their lines; the gate must not pass it
+    path = records["faulty"][1].path
+    resumed = _without(path, tmp_path / "resumed.jsonl", '{"type":"event"')
+    assert main([str(resumed), "--fail-on", "nonfinite"]) == 1
+    assert capsys.readouterr().out.rstrip().endswith(
+        "FAIL: the summary counts 2 nonfinite events, the record holds 0: the events before a resume are in the "
+        "earlier record")
+    assert main([str(resumed), "--fail-on", "vanishing"]) == 0  # not a --fail-on kind: reported, not failing
+    # one of the two NaN event lines lost: both the event found and the count are said
+    with open(path) as f:
+        lines = f.readlines()
+    first_nan = next(i for i, line in enumerate(lines) if line.startswith('{"type":"event"') and "nonfinite" in line)
+    (tmp_path / "half.jsonl").write_text("".join(lines[:first_nan] + lines[first_nan + 1:]))
+    assert main([str(tmp_path / "half.jsonl")]) == 1
+    assert capsys.readouterr().out.rstrip().endswith(
+        "FAIL: 2 events (nonfinite, exploding); first at step 14; the summary counts 2 nonfinite events, the "
+        "record holds 1: the events before a resume are in the earlier record")
+    assert main([path]) == 1 and "the summary counts" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("trainer null", lambda ls: [{**ls[0], "trainer": None}, *ls[1:]],
+         ":1: corrupt header line (`trainer` is None"),
+        ("record null", lambda ls: [{**ls[0], "record": None}, *ls[1:]], ":1: corrupt header line (`record` is None"),
+        ("layers a list", lambda ls: [{**ls[0], "layers": [["net.0"]]}, *ls[1:]], ":1: corrupt header line (`layers`"),
+        ("names null", lambda ls: [{**ls[0], "layers": {"0": None}}, *ls[1:]], "layer names must be a list"),
+        ("steps null", lambda ls: [*ls[:-1], {**ls[-1], "steps": None}], "corrupt summary line (`steps` is None"),
+        ("summary norms short", lambda ls: [*ls[:-1], {**ls[-1], "norms": {"0": {**ls[-1]["norms"]["0"], "min": [1]}}}],
+         "`norms` of optimizer 0: `min` holds 1 values for 4 series"),
+        ("unknown kind", lambda ls: [{**x, "kind": "NONFINITE"} if x["type"] == "event" else x for x in ls],
+         "corrupt event line (unknown kind 'NONFINITE'"),
+        ("step a string", lambda ls: [{**x, "step": "6"} if x["type"] == "event" else x for x in ls],
+         "corrupt event line (`step` is '6', not an integer)"),
+        ("layer a number", lambda ls: [{**x, "layer": 5} if x["type"] == "event" else x for x in ls],
+         "corrupt event line (`layer` is 5, not a string)"),
+        ("actions a string", lambda ls: [{**x, "actions": "skip"} if x["type"] == "event" else x for x in ls],
+         "corrupt event line (`actions` is 'skip', not a list of strings)"),
+    ],
+)
+def test_cli_records_of_the_wrong_shape_exit_2_with_one_line(records, tmp_path, capsys, name, change, message):
+    # these crashed the command with a traceback and exit 1, which a CI gate reads as "events found"
+    with open(records["faulty"][1].path) as f:
+        lines = [json.loads(line) for line in f]
+    bad = _lines(tmp_path / "bad.jsonl", *change(lines))
+    assert main([str(bad), "--png", str(tmp_path / "f.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"gradguard: error: {bad}") and message in captured.err
+    assert captured.err.count("\n") == 1 and captured.out == ""
+
+
+def test_cli_an_unexpected_failure_is_one_line_and_exit_2(records, monkeypatch, capsys):
+    import lightning_gradguard.cli as cli
+
+    path = records["healthy"][1].path
+    monkeypatch.setattr(cli, "render_png", lambda record: 1 / 0)
+    assert main([path, "--png", "never.png"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gradguard: error: cannot report on {path}: ZeroDivisionError: division by zero\n"
+    monkeypatch.setattr(cli, "read_record", lambda path: {}["x"])
+    assert main([path]) == 2
+    assert capsys.readouterr().err == f"gradguard: error: cannot read {path}: KeyError: 'x'\n"
+
+
+def test_cli_into_a_closed_pipe_keeps_its_status_without_a_traceback(records):
+    # `gradguard rec | head -1`: the reader goes away before the report is written
+    done = subprocess.Popen([sys.executable, "-m", "lightning_gradguard.cli", records["faulty"][1].path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done.stdout.close()
+    err = done.stderr.read().decode()
+    assert done.wait(timeout=120) == 1, err  # the gate's status: events found
+    assert err == ""
+
+
+def test_two_guards_recording_in_one_folder_write_two_records(tmp_path, caplog, capsys):
+    # both resolve to <log folder>/gradguard.jsonl: their lines interleaved into one corrupt record
+    first, second = GradGuard(record=True, on_nonfinite="log"), GradGuard(prefix="grad2/", record=True)
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        trainer(max_steps=6, default_root_dir=tmp_path, callbacks=[first, second]).fit(
+            FaultyMLP({2: "nan_layer"}), digits_loader())
+    assert first.sinks[0].path == str(tmp_path / FILENAME)
+    assert second.sinks[0].path == str(tmp_path / "gradguard-grad2.jsonl")
+    [warning] = [r.getMessage() for r in caplog.records if "another RecordSink" in r.getMessage()]
+    assert str(tmp_path / FILENAME) in warning and str(tmp_path / "gradguard-grad2.jsonl") in warning
+    for guard in (first, second):
+        record = read_record(guard.sinks[0].path)
+        assert record.finished and record.header["config"]["prefix"] == guard.prefix
+        assert record.steps[0].tolist() == list(range(6))
+        assert [(e.step, e.kind, e.actions) for e in record.events] == [
+            (e.step, e.kind, e.actions) for e in guard.events]
+    assert [e.actions for e in read_record(first.sinks[0].path).events] == [("log",)]
+    assert [e.actions for e in read_record(second.sinks[0].path).events] == [("skip", "alert")]
+    assert main([str(tmp_path)]) == 1  # the folder: the first guard's record, naming the other one
+    out = capsys.readouterr().out
+    assert "other records beside it (another GradGuard's; gate each one): gradguard-grad2.jsonl" in out
+    # both closed at the end: the next run's single guard writes gradguard.jsonl again
+    again = GradGuard(prefix="grad2/", record=True)
+    trainer(max_steps=2, default_root_dir=tmp_path, callbacks=[again]).fit(DigitsMLP(), digits_loader())
+    assert again.sinks[0].path == str(tmp_path / FILENAME)
+
+
+def test_a_resumed_run_writes_the_events_before_the_resume_into_its_record(tmp_path, capsys):
+    # the record is written afresh by each fit; it once lost the first part's events and the gate passed
+    path = tmp_path / "run.jsonl"
+    guard = GradGuard(sinks=[RecordSink(path)])
+    t = trainer(max_steps=10, callbacks=[guard])
+    t.fit(FaultyMLP({5: "nan_layer"}), digits_loader())
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    resumed = GradGuard(sinks=[RecordSink(path)])
+    trainer(max_steps=20, callbacks=[resumed]).fit(FaultyMLP({}), digits_loader(), ckpt_path=tmp_path / "c.ckpt")
+    record = read_record(path)
+    assert [(e.step, e.kind, e.layer) for e in record.events] == [(5, "nonfinite", "net.2")]
+    assert record.steps[0].tolist() == list(range(10, 20)) and record.summary["events/nonfinite"] == 1
+    with open(path) as f:
+        lines = [json.loads(line) for line in f]
+    assert [line["type"] for line in lines[:3]] == ["header", "event", "step"] and lines[1]["earlier"] is True
+    assert main([str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: 1 event (nonfinite); first at step 5" in out and "the summary counts" not in out
