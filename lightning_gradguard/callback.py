@@ -131,6 +131,7 @@ class _StepInfo:
     is_log_step: bool
     detail_step: bool  # max |g| read
     param_step: bool  # weight norms read
+    slack: float = 0.0  # log10 headroom of the spike thresholds: a batch smaller than usual (see _step_slack)
 
 
 class GradGuard(Callback):
@@ -448,6 +449,9 @@ class GradGuard(Callback):
         self._held_clip_val: float | None = None  # Trainer(gradient_clip_val) held back for a skipped step
         self._ddp_frozen: list[tuple[str, Tensor]] | None = None  # frozen when DDP wrapped the model (see on_train_start)
         self._event_counts = {"nonfinite": 0, "exploding": 0, "vanishing": 0}
+        self._samples, self._samples_read = 0, False  # samples in the batches of the optimizer step in progress
+        self._slack = 0.0  # of the optimizer step in progress, once read
+        self._usual_samples, self._small_steps = 0, 0  # see _step_slack
         self._last_alert: dict[tuple, int] = {}  # (optimizer, kind, reason, layer) -> step of its last alert
         # running loss level (the growth and vanishing gates), on the host; the losses of the steps
         # since the last optimizer step wait on the device and ride along with its one sync
@@ -645,6 +649,9 @@ class GradGuard(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._samples_read:  # the step they were read for is done (accumulation: they add up until then)
+            self._samples, self._samples_read = 0, False
+        self._samples += _batch_size(batch)
         for shared in self._shared.values():
             if shared is not None and shared.queues.get(id(self)):  # Lightning wrote nothing at that step
                 self._write_metrics(trainer)
@@ -749,7 +756,28 @@ class GradGuard(Callback):
         param_step = detail_step or self.config.max_update_ratio is not None or (
             self.config.max_grad_weight_ratio is not None and watch.counts["steps"] < self.config.warmup_steps
         )
-        return _StepInfo(trainer.global_step, log_step, is_log_step, detail_step, param_step)
+        return _StepInfo(trainer.global_step, log_step, is_log_step, detail_step, param_step, self._step_slack())
+
+    def _step_slack(self) -> float:
+        """The spike thresholds' headroom (log10) for this optimizer step: ``0.5 * log10(usual / samples)``
+        where its batches hold fewer samples than usual (an epoch's partial last batch, ``drop_last=False``):
+        the noise of a mean gradient grows as 1/sqrt(batch), and a 5-sample last batch of a 32-sample run
+        measured up to 4.6x the level (the spike floor is 4x), full batches at most 2x. The usual size is
+        the largest seen, or a smaller one that persisted for 50 steps (the batch size was changed)."""
+        if self._samples_read:  # read already for this batch (sync="deferred" reads twice; two optimizers)
+            return self._slack
+        samples, self._samples_read, self._slack = self._samples, True, 0.0
+        if samples <= 0:  # no batch size found (a custom batch object)
+            return 0.0
+        if samples >= self._usual_samples:
+            self._usual_samples, self._small_steps = samples, 0
+        else:
+            self._small_steps += 1
+            if self._small_steps >= 50:
+                self._usual_samples, self._small_steps = samples, 0
+            else:
+                self._slack = 0.5 * math.log10(self._usual_samples / samples)
+        return self._slack
 
     def _analyse(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
                  watch: _Watch, info: _StepInfo, series: dict, applied: tuple[float, bool] | None = None,
@@ -770,6 +798,7 @@ class GradGuard(Callback):
             worsening=self._loss.worsening(),
             weight_norm=series.get("weight"),
             lists=True,
+            slack=info.slack,
         )
         extra = [series[name][None] for name in ("max_abs", "weight") if name in series]
         if isinstance(report, list) and not (extra or watch.detector.flags or watch.anchor is not None
@@ -897,6 +926,9 @@ class GradGuard(Callback):
         total = squares.sum().sqrt()
         device = total.device
         limits = watch.limits
+        slack = self._step_slack()
+        if limits is not None and slack > 0:  # a batch smaller than usual: the thresholds it is judged by
+            limits = self._limits(watch, slack)
         present = watch.plan.host_present(read.positions) if limits is not None else None
         if limits is not None and (watch.detector.admits(present) or watch.detector.returns(present)):
             # a layer's first gradient (an unfreeze, an expert's first token): the global series restarts
@@ -1652,7 +1684,7 @@ class GradGuard(Callback):
             limit = np.minimum(limit, watch.anchor)
         return limit
 
-    def _limits(self, watch: _Watch) -> np.ndarray | None:
+    def _limits(self, watch: _Watch, slack: float = 0.0) -> np.ndarray | None:
         """``sync="deferred"``: the clip limit of each series for the device's decision on the next step,
         from the detector's state (the spike thresholds that step will be judged by), ``max_norm`` and the
         growth anchors (for ``"clip"``); ``inf`` where none is known yet. (The ``max_grad_weight_ratio``
@@ -1662,7 +1694,7 @@ class GradGuard(Callback):
             return None
         # anchors are clip limits only, as with sync="step": for "skip" one would drop every step of a growth
         # (a skipped step leaves the weights, and so the norm above the anchor, as they were)
-        limit = self._capped(watch, watch.detector.next_spike_at(), anchors="clip" in self.on_exploding)
+        limit = self._capped(watch, watch.detector.next_spike_at(slack), anchors="clip" in self.on_exploding)
         return np.where(np.isnan(limit), np.inf, limit)
 
     def _clip(self, optimizer, watch: _Watch, host: np.ndarray) -> tuple[float, float | None]:
@@ -1926,6 +1958,7 @@ class GradGuard(Callback):
             "loss": self._loss.state_dict(),
             # alert_quiet_steps goes on across a resume: (optimizer, kind, reason, layer, step of the last alert)
             "last_alert": [[*key, step] for key, step in self._last_alert.items()],
+            "usual_samples": [self._usual_samples, self._small_steps],
         }
 
     @override
@@ -1961,6 +1994,7 @@ class GradGuard(Callback):
         self._watches = {}
         self._opt_index = {}
         self._last_alert = {tuple(entry[:-1]): int(entry[-1]) for entry in state_dict.get("last_alert", [])}
+        self._usual_samples, self._small_steps = (int(v) for v in state_dict.get("usual_samples", [0, 0]))
         loss = state_dict.get("loss")
         if isinstance(loss, dict):
             self._loss.load_state_dict(loss)
@@ -1998,6 +2032,26 @@ class GradGuard(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
+def _batch_size(batch: Any, depth: int = 0) -> int:
+    """The length of the first tensor in ``batch`` (nested tuples, lists, dicts, dataclasses), 0 if none:
+    a few ``isinstance`` checks for the usual ``(x, y)``; no warning for ambiguous collections."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if depth > 4 or isinstance(batch, (str, bytes)):
+        return 0
+    if isinstance(batch, dict):
+        batch = batch.values()
+    elif hasattr(batch, "__dataclass_fields__"):
+        batch = [getattr(batch, name) for name in batch.__dataclass_fields__]
+    elif not isinstance(batch, (list, tuple)):
+        return 0
+    for item in batch:
+        found = _batch_size(item, depth + 1)
+        if found:
+            return found
+    return 0
+
+
 def _overflowed_norms(plan: LayerPlan, positions: Sequence[int], norms: list[float]) -> list[float]:
     """``norms`` (per tensor) with each +Inf recomputed in float64: a float32 sum of squares overflows
     for entries above ~1e19, and gradients that large are exploding, not non-finite (clipping them

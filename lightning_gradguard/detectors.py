@@ -219,6 +219,7 @@ class TrendDetector:
         weight_norm=None,
         *,
         lists: bool = False,
+        slack: float = 0.0,
     ) -> np.ndarray | list[list[float]]:
         """Consume one step's norms (``[S]``) and return the ``[REPORT_ROWS, S]`` float64 report.
 
@@ -232,14 +233,18 @@ class TrendDetector:
         series, NaN where unknown. ``lists``: in the Python-float mode (not
         :attr:`vectorized`), return the report as ``REPORT_ROWS`` lists, valid
         until the next update (some are the live state): no numpy call at all.
+        ``slack`` (log10) raises the post-warm-up spike thresholds for this step: the guard passes
+        ``0.5 * log10(usual batch / this batch)`` for a smaller batch (an epoch's partial last batch),
+        whose gradient noise is larger by the square root of the ratio.
         """
         if self._unseen:
             self._unseen = self._admit(present)
         if not self.vectorized:
-            rows = self._update_scalar(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
+            rows = self._update_scalar(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm,
+                                       slack)
             return rows if lists else np.array(rows, dtype=np.float64)
         with np.errstate(all="ignore"):  # NaN/Inf are data here (a NaN norm is a finding, not an error)
-            return self._update(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm)
+            return self._update(norm, present, nonfinite, converged, update_ratio, worsening, weight_norm, slack)
 
     def _returned(self, present) -> bool:
         """A layer without a gradient at the last step has one now (an auxiliary head used every 10th
@@ -280,7 +285,8 @@ class TrendDetector:
             self._all_warm = False
         return remain
 
-    def _update_scalar(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm) -> list[list]:
+    def _update_scalar(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm,
+                       slack: float = 0.0) -> list[list]:
         """:meth:`_update`, series by series in Python floats (the same rules, line for line)."""
         c, n_series, isfinite = self.config, self.num_series, math.isfinite
         # lists are read as they are (the guard's usual step passes lists: no numpy call)
@@ -306,7 +312,7 @@ class TrendDetector:
             cnt, lv, sc = count[i], level[i], scale[i]
             warm = cnt >= warmup
             # --- spike: z-score on the slow level after warm-up, ratio to the max seen before
-            s_log = lv + max(zscore * sc, spike_min) if warm else maxseen[i] + warmup_spike
+            s_log = lv + max(zscore * sc, spike_min) + slack if warm else maxseen[i] + warmup_spike
             spike_at[i] = 10.0**s_log if cnt >= 1 and s_log < 308.0 else inf  # none before the first observation
             if good and cnt >= 1 and x > s_log:
                 code[i] = SPIKE
@@ -389,7 +395,8 @@ class TrendDetector:
         return [code, norm, level_before, scale_before, spike_at, fast, base, vanish_ref, streak, ratio_row,
                 grad_weight]
 
-    def _update(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm) -> np.ndarray:
+    def _update(self, norm, present, nonfinite, converged, update_ratio, worsening, weight_norm,
+                slack: float = 0.0) -> np.ndarray:
         # Host numpy on [S] vectors: the cost is ~1 us per call, whatever S, so the steady state
         # (every series warm, every value finite, the usual step) takes a shorter path with fewer calls.
         c = self.config
@@ -412,7 +419,7 @@ class TrendDetector:
         steady = self._all_warm
         if steady:  # steady state: every series past warm-up
             # --- spike: a z-score on the slow level
-            spike_log = level + np.maximum(c.spike_zscore * scale, self._log_spike_min)
+            spike_log = level + np.maximum(c.spike_zscore * scale, self._log_spike_min) + slack
             code = (ok & (x > spike_log)) * Code.SPIKE
             # --- running statistics, with finite, positive observations only
             step = np.clip(x - level, -bound, bound)
@@ -428,7 +435,8 @@ class TrendDetector:
             warm = count >= c.warmup_steps
             # --- spike: z-score on the slow level after warm-up, ratio to the max seen before
             spike_log = np.where(
-                warm, level + np.maximum(c.spike_zscore * scale, self._log_spike_min), self.maxseen + self._log_warmup_spike
+                warm, level + np.maximum(c.spike_zscore * scale, self._log_spike_min) + slack,
+                self.maxseen + self._log_warmup_spike,
             )
             code = (ok & (count >= 1) & (x > spike_log)) * Code.SPIKE
             # --- running statistics, with finite, positive observations only
@@ -533,12 +541,14 @@ class TrendDetector:
         (see :meth:`_returned`)?"""
         return self._returned(present)
 
-    def next_spike_at(self) -> np.ndarray:
+    def next_spike_at(self, slack: float = 0.0) -> np.ndarray:
         """Each series' spike threshold for the next update, from the state after the last one: the
-        norm above which it would be flagged (``inf`` for a series with no observation yet)."""
+        norm above which it would be flagged (``inf`` for a series with no observation yet); ``slack``
+        as for :meth:`update`."""
         c = self.config
         count, level, scale = self.count, self.level, self.scale
-        spike_log = np.where(count >= c.warmup_steps, level + np.maximum(c.spike_zscore * scale, self._log_spike_min),
+        spike_log = np.where(count >= c.warmup_steps,
+                             level + np.maximum(c.spike_zscore * scale, self._log_spike_min) + slack,
                              self.maxseen + self._log_warmup_spike)
         with np.errstate(over="ignore"):
             return np.where(count >= 1, np.power(10.0, spike_log), np.inf)

@@ -134,7 +134,7 @@ def test_rollback_restores_the_sharded_weights_exactly(tmp_path):
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert ranks[0]["events"] == ranks[1]["events"]
     got = [(e["step"], e["reason"], e["actions"]) for e in ranks[0]["events"]]
-    assert got == [(12, "nan", ["skip", "alert"]), (13, "nan", ["rollback"])]
+    assert got == [(12, "nan", ["skip", "alert"]), (13, "nan", ["rollback", "alert"])]  # a rollback always alerts
     for r in ranks:
         assert r["internal_errors"] == 0 and r["rollbacks"] == 1 and r["finite"] and r["global_step"] == 20
         weights = {step: r["before"][str(step)]["weight"] for step in (10, 12, 13, 14)}
