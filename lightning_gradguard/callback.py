@@ -78,6 +78,7 @@ class _Watch:
     device: torch.device  # where the gradients live
     lr_scale: LRScale | None = None
     snapshots: Snapshots | None = None
+    shape: tuple = ()  # the optimizer's class and param group sizes: whose state the snapshots hold
     # host-side latches: last step each (code bit, series) fired, for one event per incident
     last_fired: dict[int, np.ndarray] = field(default_factory=dict)
     overflow_streak: int = 0
@@ -1149,7 +1150,7 @@ class GradGuard(Callback):
         if watch is None:
             plan, count, device = self._plan(trainer, pl_module, optimizer)
             watch = _Watch(index, plan, TrendDetector(self.config, plan.num_layers + 1), weakref.ref(optimizer),
-                           count, device)
+                           count, device, shape=_shape(optimizer))
             if "reduce_lr" in self.on_nonfinite + self.on_exploding:
                 watch.lr_scale = self._lr_scales.get(index) or LRScale(optimizer)
                 self._lr_scales[index] = watch.lr_scale
@@ -1184,9 +1185,11 @@ class GradGuard(Callback):
         watch the new set. A layer with the same parameters as before keeps its detector state; a new
         or changed layer starts afresh, and so does the global series unless it covers the same
         parameters (a norm that jumps because a backbone joined is not an explosion). Per-series
-        latches and clip anchors restart; rollback snapshots are dropped (they hold the optimizer's
-        state of before, which cannot be loaded into it any more: an Adam state loaded into a new
-        SGD crashed its step). A replaced optimizer gets an LR scale on its own hooks: the one
+        latches and clip anchors restart, unless the parameters and layers are the same (a second
+        ``fit()`` of the same Trainer builds a new optimizer over them: a growth being clipped goes on
+        being clipped at its anchor); rollback snapshots are dropped (they hold the optimizer's state of
+        before, which cannot be loaded into it any more: an Adam state loaded into a new SGD crashed its
+        step), unless the new optimizer is of the same class with the same param groups. A replaced optimizer gets an LR scale on its own hooks: the one
         ``on_train_start`` put on it (a second ``fit()`` of the same Trainer keeps the value), or afresh (1)
         when it was replaced mid-run."""
         if watch.in_flight is not None:  # sync="deferred": read the step in flight against the plan it was read with
@@ -1209,11 +1212,14 @@ class GradGuard(Callback):
                 if watch.lr_scale is not scale:
                     watch.lr_scale.remove()
                 watch.lr_scale = scale
-        watch.last_fired, watch.anchor, watch.anchor_until, watch.anchor_first = {}, None, None, None
+        kept = same and tuple(old.layers) == tuple(watch.plan.layers)  # the same series, index for index
+        if not kept:
+            watch.last_fired, watch.anchor, watch.anchor_until, watch.anchor_first = {}, None, None, None
         watch.limits = None  # sync="deferred": limits of the old layers
         watch.group_index = watch.host_group_index = None
         watch.keys = {}
-        if watch.snapshots is not None:
+        shape, watch.shape = watch.shape, _shape(optimizer)
+        if watch.snapshots is not None and not (kept and shape == watch.shape):
             watch.snapshots = Snapshots(self.rollback_keep)
         log.info("GradGuard: optimizer %d (%s) holds %d parameter tensors in %d layers (was %d in %d); watching them",
                  watch.index, type(optimizer).__name__, len(watch.plan.params), watch.plan.num_layers,
@@ -2032,6 +2038,11 @@ class GradGuard(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
+def _shape(optimizer: torch.optim.Optimizer) -> tuple:
+    """Its class and param group sizes: an optimizer state dict loads into another of the same shape."""
+    return type(optimizer), tuple(len(group["params"]) for group in optimizer.param_groups)
+
+
 def _batch_size(batch: Any, depth: int = 0) -> int:
     """The length of the first tensor in ``batch`` (nested tuples, lists, dicts, dataclasses), 0 if none:
     a few ``isinstance`` checks for the usual ``(x, y)``; no warning for ambiguous collections."""

@@ -443,3 +443,56 @@ def test_a_group_that_was_at_lr_0_in_the_snapshot_says_nothing_about_an_lr_jump(
     opt.param_groups[0]["lr"] = 0.01  # the schedule raised the backbone's; the head's is unchanged
     assert guard._rollback(None, net, opt, watch, 100, []) and watch.rollback_lr_ratio == 1.0
     assert guard._reduce_lr(watch, 100, rolled_back=True) and watch.lr_scale.value == guard.lr_factor
+
+
+class Diverging(DigitsMLP):
+    """Plain SGD; from step 21 the loss is multiplied by 1.3 per step (a growth); the global gradient norm
+    the optimizer applies (after the guard's clip) is kept per step."""
+
+    def __init__(self):
+        super().__init__(lr=0.05)
+        self.applied: dict[int, float] = {}
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1.3 ** max(self.global_step - 20, 0)
+
+    def on_before_optimizer_step(self, optimizer):  # after the callbacks' hook: the guard's clip is done
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.applied[self.global_step] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def test_the_same_trainer_fitting_again_mid_growth_keeps_clipping_at_the_anchor():
+    # the second fit builds a new optimizer over the same parameters: the anchors (and latches, snapshots)
+    # were dropped, the clip limit loosened ~2x mid-divergence and the growth was reported again
+    kw = dict(growth_window=10, on_exploding=("clip", "log"), spike_zscore=50, spike_min_ratio=1e3)
+    torch.manual_seed(0)
+    straight, model = GradGuard(**kw), Diverging()
+    trainer(max_steps=44, callbacks=[straight]).fit(model, digits_loader(n=32))  # one batch: every epoch alike
+    torch.manual_seed(0)
+    refit, twin = GradGuard(**kw), Diverging()
+    t = trainer(max_steps=36, callbacks=[refit])
+    t.fit(twin, digits_loader(n=32))
+    t.fit_loop.epoch_loop.max_steps = 44
+    t.fit(twin, digits_loader(n=32))
+    assert [(e.step, e.reason) for e in refit.events] == [(e.step, e.reason) for e in straight.events]
+    assert any(e.reason == "growth" and e.step < 36 for e in straight.events)
+    assert [twin.applied[s] for s in range(30, 44)] == pytest.approx([model.applied[s] for s in range(30, 44)])
+
+
+def test_the_same_trainer_fitting_again_keeps_the_rollback_snapshots():
+    # the first healthy step of fit 2 (12) takes a snapshot, too young (margin 5) to restore at 14: the rollback
+    # needs fit 1's (5 or 10)
+    guard = GradGuard(on_nonfinite=("rollback", "alert"), rollback_every=5, rollback_margin=5)
+    t = trainer(max_steps=12, callbacks=[guard])
+    model = FaultyMLP({13: "nan_layer", 14: "nan_layer"})
+    t.fit(model, digits_loader())
+    kept = list(guard._watches[0].snapshots.steps)
+    t.fit_loop.epoch_loop.max_steps = 20
+    t.fit(model, digits_loader())  # a new Adam over the same parameters: the snapshots still load into it
+    assert kept and guard._watches[0].counts["rollbacks"] == 1
+    assert [(e.step, e.actions) for e in guard.events] == [(13, ("skip", "alert")), (14, ("rollback", "alert"))]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
