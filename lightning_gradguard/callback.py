@@ -98,6 +98,7 @@ class _Watch:
     keys: dict = field(default_factory=dict)  # logged key of each metric name (see GradGuard._key)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
     present: Any = None  # the last step's "has gradients" by series (a shared list or array: read only)
+    absent: list[int] | None = None  # steps in a row each series had no gradient (None: all had one)
     # after a resume: the layers (series) with gradients at the checkpoint's last step not seen since,
     # and the steps watched for them (see GradGuard._check_resumed)
     missing_since_resume: set[int] | None = None
@@ -802,8 +803,9 @@ class GradGuard(Callback):
             slack=info.slack,
         )
         extra = [series[name][None] for name in ("max_abs", "weight") if name in series]
+        cut_off = self._cut_off(watch, series["present"], step)
         if isinstance(report, list) and not (extra or watch.detector.flags or watch.anchor is not None
-                                             or info.is_log_step):
+                                             or info.is_log_step or cut_off):
             # the usual healthy step of a small model: findings, responses and sinks need only the
             # norms; the report stays Python lists (no numpy call)
             host = None
@@ -812,7 +814,7 @@ class GradGuard(Callback):
             host = np.concatenate([report, *extra]) if extra else report
         watch.counts["steps"] += 1
 
-        events = self._findings(watch, host, step, weights_before=applied is None or applied[1])
+        events = self._findings(watch, host, step, weights_before=applied is None or applied[1]) + cut_off
         try:
             clip_coef, norm_clipped = self._respond(trainer, pl_module, optimizer, watch, host, events, step, applied)
         except Exception:
@@ -1380,6 +1382,34 @@ class GradGuard(Callback):
                 j = int(np.argmax(squares))
                 text += f"; {100 * squares[j] / squares.sum():.0f}% of it in {_q(watch.series_name(j + 1))}"
         return self._event(watch, step, "exploding", reason, series, value, threshold, text)
+
+    def _cut_off(self, watch: _Watch, present, step: int) -> list[GradEvent]:
+        """A layer of the optimizer that requires grad and got no gradient for ``vanish_patience`` steps in a
+        row is cut off from the loss (unused in forward, behind ``.detach()`` or ``torch.no_grad()``): it never
+        trains, and its norm, absent rather than 0, is no "dead" one. Once per such run of steps; frozen layers
+        (``requires_grad=False``) aside. The usual step (every layer had a gradient) costs one ``all()``."""
+        if all(present):
+            watch.absent = None
+            return []
+        before = watch.absent or [0] * len(present)
+        watch.absent = absent = [0 if here else n + 1 for here, n in zip(present, before)]
+        patience = self.config.vanish_patience
+        hit = [i for i in range(1, len(absent)) if absent[i] == patience]
+        if not hit:
+            return []
+        wants = [False] * len(absent)
+        for p, layer in zip(watch.plan.params, watch.plan.layer_of_param):  # only on the step one is found
+            wants[layer + 1] = wants[layer + 1] or (p.requires_grad and p.numel() > 0)
+        hit = [i for i in hit if wants[i]]
+        if not hit:
+            return []
+        names = ", ".join(_q(watch.series_name(i)) for i in hit[:5])
+        several = len(hit) > 1
+        text = (f"{names}{f' and {len(hit) - 5} more' if len(hit) > 5 else ''} got no gradient for {patience} "
+                f"steps in a row, although {'they require' if several else 'it requires'} grad and "
+                f"{'are' if several else 'is'} in the optimizer: cut off from the loss (unused in forward, behind "
+                ".detach() or torch.no_grad()?), never trained")
+        return [self._event(watch, step, "vanishing", "no_grad", hit, float(patience), float(patience), text)]
 
     def _vanishing(self, watch: _Watch, host: np.ndarray, step: int, new: np.ndarray, flagged: np.ndarray) -> GradEvent:
         c = self.config

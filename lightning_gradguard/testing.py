@@ -88,9 +88,16 @@ HINTS: dict[str, str] = {
         "The update is a large fraction of the weights (lr * |g| / |w|; around 1e-3 is typical): the learning "
         "rate is too high for this layer, or its weights are tiny (check its initialisation)."
     ),
+    "no_grad": (
+        "A layer that requires grad and is in the optimizer but gets no gradient at all is cut off from the loss: "
+        "it is unused in forward (a layer built but forgotten, a branch never taken), its output goes through "
+        ".detach() or is computed under torch.no_grad(), or its parameters were replaced by copies after the "
+        "optimizer was built. If it is meant to be frozen, set requires_grad=False (or leave it out of the "
+        "optimizer)."
+    ),
     "dead": (
-        "A layer with exactly zero gradient is cut off: a parameter unused in forward (or behind .detach() / "
-        "torch.no_grad()), dead ReLUs (every pre-activation negative: lower the learning rate, use LeakyReLU/GELU, "
+        "A layer with exactly zero gradient is cut off: a parameter whose output is multiplied by 0 or masked "
+        "out everywhere, dead ReLUs (every pre-activation negative: lower the learning rate, use LeakyReLU/GELU, "
         "check the bias initialisation), or an activation saturated at its limits."
     ),
     "relative": (

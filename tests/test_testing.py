@@ -201,7 +201,7 @@ def test_no_step_taken_is_an_error_not_a_pass():
 def test_every_reason_has_a_hint():
     reasons = (
         "nan", "inf", "weights", "amp_overflow", "spike", "growth", "max_norm", "update_ratio", "dead", "relative",
-        "drop",
+        "drop", "no_grad",
     )
     for key in (*reasons, "nonfinite", "exploding", "vanishing"):
         assert len(HINTS[key]) > 40, key
@@ -299,3 +299,50 @@ def test_with_several_optimizers_the_flagged_layer_is_marked_and_kept_in_the_tab
     assert rows == ["opt0/global", "opt0/enc.0", "opt1/global", "opt1/dec.2", "opt1/dec.6"]
     assert re.search(r"^  opt1/dec\.2 +<  ", table, re.M)
     assert table.count("  ... 1 more\n") == 2  # opt1/dec.0 and opt1/dec.4
+
+
+class CutOff(DigitsMLP):
+    """An encoder before the MLP, cut off from the loss as ``how`` says; a frozen side layer too."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.enc = nn.Linear(64, 64)
+        self.side = nn.Linear(64, 64).requires_grad_(False)  # frozen on purpose: not reported
+
+    def forward(self, x):
+        if self.how == "unused":
+            return self.net(x + 0 * self.side(x))
+        if self.how == "no_grad":
+            with torch.no_grad():
+                h = torch.relu(self.enc(x))
+            return self.net(h)
+        h = torch.relu(self.enc(x))
+        return self.net(h.detach() if self.how == "detach" else h)
+
+
+@pytest.mark.parametrize("how", ["detach", "unused", "no_grad"])
+def test_a_layer_cut_off_from_the_loss_fails_the_check(how):
+    with pytest.raises(GradientHealthError) as info:
+        check_gradients(CutOff(how), digits_loader())
+    (event,) = info.value.events
+    assert (event.kind, event.reason, event.layers, event.step) == ("vanishing", "no_grad", ("enc",), 14)
+    assert "`enc` got no gradient for 15 steps in a row" in str(info.value)
+    assert " ".join(HINTS["no_grad"].split()) in " ".join(str(info.value).split())  # the report wraps it
+    check_gradients(CutOff("connected"), digits_loader())  # the frozen side layer alone: healthy
+
+
+def test_the_guard_reports_a_cut_off_layer_once_per_absence_and_not_a_frozen_one():
+    from helpers import trainer
+    from lightning_gradguard import GradGuard
+
+    class Reconnected(CutOff):
+        def forward(self, x):  # the encoder cut off for steps 0-59 and 70-129, connected in between
+            cut = self.global_step < 60 or self.global_step >= 70
+            h = torch.relu(self.enc(x))
+            return self.net(h.detach() if cut else h)
+
+    guard = GradGuard()
+    trainer(max_steps=130, callbacks=[guard]).fit(Reconnected("detach"), digits_loader())
+    assert [(e.step, e.reason, e.layer, e.actions) for e in guard.events] == [
+        (49, "no_grad", "enc", ("alert",)), (119, "no_grad", "enc", ())]  # within alert_quiet_steps: not alerted
