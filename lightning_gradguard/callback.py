@@ -1215,6 +1215,9 @@ class GradGuard(Callback):
                     watch.lr_scale.remove()
                 watch.lr_scale = scale
         kept = same and tuple(old.layers) == tuple(watch.plan.layers)  # the same series, index for index
+        if watch.absent is not None:  # steps without a gradient go on counting, layer by layer
+            watch.absent = [watch.absent[0]] + [watch.absent[1 + index[name]] if name in index else 0
+                                                for name in watch.plan.layers]
         if not kept:
             watch.last_fired, watch.anchor, watch.anchor_until, watch.anchor_first = {}, None, None, None
         watch.limits = None  # sync="deferred": limits of the old layers
@@ -1391,7 +1394,7 @@ class GradGuard(Callback):
         if all(present):
             watch.absent = None
             return []
-        before = watch.absent or [0] * len(present)
+        before = watch.absent if watch.absent is not None and len(watch.absent) == len(present) else [0] * len(present)
         watch.absent = absent = [0 if here else n + 1 for here, n in zip(present, before)]
         patience = self.config.vanish_patience
         hit = [i for i in range(1, len(absent)) if absent[i] == patience]
@@ -1983,6 +1986,7 @@ class GradGuard(Callback):
                 "streaks": [w.bad_streak, w.skip_streak, w.rollbacks_in_a_row],
                 # numpy or a list, on the host: no sync
                 "present": None if w.present is None else [bool(v) for v in list(w.present)[1:]],
+                "absent": w.absent,  # a host list of ints, or None
             }
         for index, pending in self._pending_state.items():
             watches.setdefault(index, pending)
@@ -2062,6 +2066,9 @@ class GradGuard(Callback):
         watch.bad_streak, watch.skip_streak, watch.rollbacks_in_a_row = state.get("streaks", [0, 0, 0])
         if watch.lr_scale is not None:
             watch.lr_scale.value = float(state.get("lr_scale", 1.0))
+        absent = state.get("absent")
+        if absent and len(absent) == watch.plan.num_layers + 1:
+            watch.absent = [int(n) for n in absent]
         present = state.get("present")
         if present and len(present) == watch.plan.num_layers:
             watch.missing_since_resume = {i + 1 for i, had in enumerate(present) if had} or None

@@ -346,3 +346,41 @@ def test_the_guard_reports_a_cut_off_layer_once_per_absence_and_not_a_frozen_one
     trainer(max_steps=130, callbacks=[guard]).fit(Reconnected("detach"), digits_loader())
     assert [(e.step, e.reason, e.layer, e.actions) for e in guard.events] == [
         (49, "no_grad", "enc", ("alert",)), (119, "no_grad", "enc", ())]  # within alert_quiet_steps: not alerted
+
+
+def test_layers_joining_while_one_has_no_gradient_keep_the_count_going():
+    from helpers import trainer
+    from lightning_gradguard import GradGuard
+
+    class Joining(CutOff):  # the frozen side layer has no gradient from step 0; a head joins at step 10
+        def __init__(self):
+            super().__init__("detach")
+            self.extra = nn.Linear(10, 10)
+
+        def forward(self, x):
+            out = super().forward(x)
+            return self.extra(out) if self.global_step >= 10 else out
+
+        def on_train_batch_start(self, batch, batch_idx):
+            if self.global_step == 10:
+                self.trainer.optimizers[0].add_param_group({"params": list(self.extra.parameters())})
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for n, p in self.named_parameters() if not n.startswith("extra")], lr=self.lr)
+
+    guard = GradGuard()
+    trainer(max_steps=60, callbacks=[guard]).fit(Joining(), digits_loader())
+    assert guard.internal_errors == 0
+    assert [(e.step, e.reason, e.layer) for e in guard.events] == [(49, "no_grad", "enc")]
+
+
+def test_the_steps_without_a_gradient_are_counted_across_a_resume(tmp_path):
+    from helpers import trainer
+    from lightning_gradguard import GradGuard
+
+    t = trainer(max_steps=30, callbacks=[GradGuard()])
+    t.fit(CutOff("detach"), digits_loader())
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    resumed = GradGuard()
+    trainer(max_steps=60, callbacks=[resumed]).fit(CutOff("detach"), digits_loader(), ckpt_path=tmp_path / "c.ckpt")
+    assert [(e.step, e.reason) for e in resumed.events] == [(49, "no_grad")]
