@@ -25,7 +25,7 @@ import math
 import os
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -433,6 +433,7 @@ class GradGuard(Callback):
         self._reduce = None  # cross-rank reduction of partial sums, for sharded strategies
         self._trainer: weakref.ref | None = None  # for the statistics still in flight at checkpoint time
         self._n_optimizers = 0  # the trainer's, at train start
+        self._world_size = 1  # the trainer's, at setup
         self._skip_load = False  # see on_load_checkpoint
         self._module: weakref.ref | None = None
         self._late_error: GradientHealthError | None = None  # a "raise" found at checkpoint time, raised next hook
@@ -477,6 +478,7 @@ class GradGuard(Callback):
             # checkpoint it resumes from is loaded after this hook. The same Trainer fitting again goes on
             self._new_run()
         plugin = trainer.precision_plugin
+        self._world_size = int(getattr(trainer, "world_size", 1) or 1)
         self._scaler = getattr(plugin, "scaler", None)
         self._late_error = None  # of an earlier fit
         self._reduce = self._all_reduce(trainer)
@@ -769,7 +771,9 @@ class GradGuard(Callback):
         if self._samples_read:  # read already for this batch (sync="deferred" reads twice; two optimizers)
             return self._slack
         samples, self._samples_read, self._slack = self._samples, True, 0.0
-        if samples <= 0:  # no batch size found (a custom batch object)
+        if samples <= 0 or self._world_size > 1:
+            # no batch size found (a custom batch object); or several ranks: their gradients are averaged, and
+            # each one's own batch size would let ranks that must agree judge the step by other thresholds
             return 0.0
         if samples >= self._usual_samples:
             self._usual_samples, self._small_steps = samples, 0
@@ -1593,9 +1597,12 @@ class GradGuard(Callback):
                 "rollback" in configured[e.kind] or (applied is not None and e.kind != "vanishing")
             ):  # under "rollback": a lone bad step, or nothing to restore (see above); or skipped by the device
                 acts.insert(0, "skip")
-            # the run stops, raises or rolls back, or its weights broke: alerted whatever the quiet window
+            # the run stops, raises or rolls back, or its weights broke: alerted although its layer alerted within
+            # the quiet window, once per quiet window of its own (a run stopped and still stepping, min_steps,
+            # stops again at every step)
             escalated = bool(_ESCALATIONS & set(acts)) or bool(taken.get("stop")) or e.reason == "weights"
-            if "alert" in configured[e.kind] and (self._alert_due(e, step) or escalated):
+            if "alert" in configured[e.kind] and (self._alert_due(e, step) or (escalated and self._alert_due(
+                    e, step, key=(e.optimizer, "escalated", "stop" if taken.get("stop") else e.reason)))):
                 acts.insert(min(len(acts), acts.index("log") + 1 if "log" in acts else len(acts)), "alert")
             if taken.get("stop") and "stop" not in acts:
                 acts.append("stop")
@@ -1705,9 +1712,10 @@ class GradGuard(Callback):
                 "back: raise `growth_factor`, or leave 'clip' out of `on_exploding`.", step,
                 f" (optimizer {watch.index})" if watch.index else "", watch.anchor_since, held)
 
-    def _alert_due(self, event: GradEvent, step: int) -> bool:
-        """One alert per (optimizer, kind, reason, layer) per ``alert_quiet_steps``; later ones are only logged."""
-        key = (event.optimizer, event.kind, event.reason, event.layer)
+    def _alert_due(self, event: GradEvent, step: int, key: tuple | None = None) -> bool:
+        """One alert per (optimizer, kind, reason, layer) (or ``key``) per ``alert_quiet_steps``; later ones are
+        only logged."""
+        key = key or (event.optimizer, event.kind, event.reason, event.layer)
         last = self._last_alert.get(key)
         if last is not None and step - last < self.alert_quiet_steps:
             return False
@@ -2007,11 +2015,11 @@ class GradGuard(Callback):
         # signal, a checkpoint in the user's own hook), the param groups hold the LR times the guard's
         # scale; the checkpoint gets the schedule's own, or a resume would apply the scale twice
         states = checkpoint.get("optimizer_states")
-        for watch in self._watches.values():
-            lrs = watch.lr_scale.unscaled() if watch.lr_scale is not None else None
-            if lrs is None or not isinstance(states, list) or watch.index >= len(states):
+        for index, scale in self._lr_scales.items():  # (the first step after a resume has no watch yet)
+            lrs = scale.unscaled()
+            if lrs is None or not isinstance(states, list) or index >= len(states):
                 continue
-            groups = states[watch.index].get("param_groups") if isinstance(states[watch.index], dict) else None
+            groups = states[index].get("param_groups") if isinstance(states[index], dict) else None
             if isinstance(groups, list) and len(groups) == len(lrs):
                 for group, lr in zip(groups, lrs):
                     group["lr"] = lr
@@ -2080,23 +2088,22 @@ def _shape(optimizer: torch.optim.Optimizer) -> tuple:
     return type(optimizer), tuple(len(group["params"]) for group in optimizer.param_groups)
 
 
-def _batch_size(batch: Any, depth: int = 0) -> int:
-    """The length of the first tensor in ``batch`` (nested tuples, lists, dicts, dataclasses), 0 if none:
-    a few ``isinstance`` checks for the usual ``(x, y)``; no warning for ambiguous collections."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if depth > 4 or isinstance(batch, (str, bytes)):
-        return 0
-    if isinstance(batch, dict):
-        batch = batch.values()
-    elif hasattr(batch, "__dataclass_fields__"):
-        batch = [getattr(batch, name) for name in batch.__dataclass_fields__]
-    elif not isinstance(batch, (list, tuple)):
-        return 0
-    for item in batch:
-        found = _batch_size(item, depth + 1)
-        if found:
-            return found
+def _batch_size(batch: Any) -> int:
+    """The length of the first tensor in ``batch`` (nested tuples, lists, dicts, dataclasses), 0 if none.
+    A few ``isinstance`` checks for the usual ``(x, y)``; at most 32 objects looked at, the first 4 items of
+    each container (a batch of Python lists of token ids is not walked); no warning for ambiguous ones."""
+    queue, budget = [batch], 32
+    while queue and budget:
+        item, budget = queue.pop(0), budget - 1
+        if isinstance(item, Tensor):
+            return int(item.shape[0]) if item.dim() else 1
+        if isinstance(item, Mapping):  # a dict, HF's BatchEncoding
+            queue += list(item.values())[:4]
+        elif isinstance(item, (list, tuple)):
+            queue += [x for x in item[:4] if isinstance(x, (Tensor, list, tuple, Mapping))
+                      or hasattr(x, "__dataclass_fields__")]
+        elif hasattr(item, "__dataclass_fields__"):
+            queue += [getattr(item, name) for name in list(item.__dataclass_fields__)[:4]]
     return 0
 
 

@@ -680,7 +680,7 @@ def _lost_events(record: RunRecord) -> list[GradEvent]:
     CI gate must not pass a NaN because its line was lost. None for a finished run, nor under a fp16
     GradScaler (its overflow steps hold Infs by design and raise no event unless they persist)."""
     precision = str((record.header.get("trainer") or {}).get("precision", ""))
-    if record.finished or precision.startswith("16"):
+    if record.finished or precision in ("16", "16-mixed"):  # a GradScaler (not "16-true", not bf16)
         return []
     reported = {(e.optimizer, e.step) for e in record.events if e.kind == "nonfinite"}
     found = []

@@ -239,3 +239,26 @@ def test_an_epochs_partial_last_batch_is_not_a_spike(seed, sync):
     guard = GradGuard(sync=sync)
     trainer(max_steps=114, max_epochs=-1, callbacks=[guard]).fit(SmallCNN(113, fused=sync == "deferred"), loader)
     assert [(e.step, e.kind, e.actions) for e in guard.events] == [(113, "exploding", ("clip", "alert"))]
+
+
+def test_the_samples_of_a_batch_are_found_cheaply_and_not_judged_across_ranks():
+    from collections import UserDict
+    from dataclasses import dataclass
+
+    from lightning_gradguard.callback import _batch_size
+
+    @dataclass
+    class Batch:
+        ids: list
+        x: torch.Tensor
+
+    assert _batch_size((torch.zeros(5, 3), torch.zeros(5))) == 5
+    assert _batch_size(UserDict(text=["a"], x=torch.zeros(7, 2))) == 7  # a Mapping (HF's BatchEncoding)
+    assert _batch_size(Batch([1, 2], torch.zeros(9))) == 9
+    assert _batch_size({"input_ids": [[1] * 512] * 32}) == 0  # Python lists of ints: not walked, no size
+    assert _batch_size(object()) == 0
+    guard = GradGuard()
+    guard._usual_samples, guard._samples = 32, 5
+    assert guard._step_slack() == pytest.approx(0.5 * np.log10(32 / 5))
+    guard._samples_read, guard._world_size = False, 2  # several ranks: their batches are not this one's
+    assert guard._step_slack() == 0.0

@@ -175,6 +175,28 @@ def test_a_checkpoint_saved_inside_the_step_holds_the_schedules_lr_and_a_resume_
         assert resumed.applied[step] == pytest.approx(twin.scheduled[step] * 0.5, rel=1e-4), step
 
 
+def test_a_checkpoint_saved_inside_the_first_step_after_a_resume_holds_the_schedules_lr(tmp_path):
+    # the first step after a resume has no watch yet when its training closure runs (the guard's hook comes
+    # after it): the checkpoint must still get the schedule's LR
+    guard = GradGuard(on_exploding="reduce_lr", lr_factor=0.5)
+    t = trainer(max_steps=16, callbacks=[guard])
+    t.fit(Scheduled("lambda"), digits_loader())
+    t.save_checkpoint(tmp_path / "c.ckpt")
+
+    class SavesAtOnce(Scheduled):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 16:
+                self.trainer.save_checkpoint(tmp_path / "first.ckpt")
+            return super().training_step(batch, batch_idx)
+
+    model = SavesAtOnce("lambda", spike_at=-1)
+    trainer(max_steps=18, callbacks=[GradGuard(on_exploding="reduce_lr", lr_factor=0.5)]).fit(
+        model, digits_loader(), ckpt_path=tmp_path / "c.ckpt")
+    saved = torch.load(tmp_path / "first.ckpt", weights_only=False)
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(model.scheduled[16])
+    assert model.applied[16] == pytest.approx(model.scheduled[16] * 0.5, rel=1e-4)
+
+
 def test_a_resume_with_no_step_left_still_summarises_the_run(tmp_path):
     guard = GradGuard(on_exploding="reduce_lr", lr_factor=0.5)
     t = trainer(max_steps=16, callbacks=[guard])

@@ -298,6 +298,8 @@ def test_recorded_infs_without_an_event_are_left_alone_in_finished_and_fp16_runs
     inf_step = {"type": "step", "step": 0, "optimizer": 0, "norms": ["inf", "inf"]}
     path = _lines(tmp_path / "fp16.jsonl", {**HEADER, "trainer": {"precision": "16-mixed"}}, inf_step)
     assert read_record(path).events == []  # a GradScaler overflow: the scaler skips it, no event
+    path = _lines(tmp_path / "16-true.jsonl", {**HEADER, "trainer": {"precision": "16-true"}}, inf_step)
+    assert [e.reason for e in read_record(path).events] == ["inf"]  # no GradScaler there
     path = _lines(tmp_path / "done.jsonl", HEADER, inf_step, {"type": "summary"})
     assert read_record(path).events == []  # a finished run wrote every event it had
 

@@ -112,6 +112,17 @@ def test_persistent_nonfinite_stops_after_max_consecutive_skips(caplog):
     assert "4 steps skipped in a row: max_consecutive_skips" in caplog.text
 
 
+def test_a_stopped_run_that_keeps_stepping_alerts_its_stop_once(caplog):
+    # Trainer(min_steps) trains on after the stop: every later step stops again, and each once alerted
+    guard = GradGuard(max_consecutive_skips=3)
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        t = trainer(max_steps=40, min_steps=30, callbacks=[guard])
+        t.fit(FaultyMLP({s: "inf" for s in range(5, 40)}), digits_loader())
+    stops = [e for e in guard.events if "stop" in e.actions]
+    assert len(stops) > 10 and [e.step for e in guard.events if "alert" in e.actions] == [5, stops[0].step]
+    assert caplog.text.count("GradGuard: step") == 2
+
+
 class HugeGradient(FaultyMLP):
     """At step HUGE ``net.2``'s weight gradient is scaled by 1e22: entries ~1e20, finite, but their
     float32 squares overflow, so a plain float32 norm reads Inf."""

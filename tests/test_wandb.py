@@ -250,7 +250,7 @@ def test_level_title_and_text():
     assert alert_level(event(1, "exploding", actions=("rollback", "alert"))) == "ERROR"
     long = event(3, "vanishing", "model.encoder.layers.23.attention.self.query_key_value.lora_A", optimizer=2)
     title = alert_title(long)
-    assert title == "GradGuard: vanishing gradients in ...a.s.q.lora_A (optimizer 2)" and len(title) <= 63
+    assert title == "GradGuard: vanishing in m.e.l.23.a.s.q.lora_A (opt 2)"  # a shorter head keeps the block
     # W&B drops an alert whose title it saw within wait_duration: layers that differ in a block number only
     # must not share a title (they did when the head of the name was cut off)
     names = [f"model.encoder.layers.{i}.self_attention.out_proj.lora_B" for i in (0, 1, 11)]
@@ -399,3 +399,14 @@ def test_the_summary_for_other_loggers_skips_a_wandb_logger_subclass(wandb_env):
     mine, other = Recording(offline=True, save_dir=str(wandb_env)), Other()
     log_summary_metrics(FakeGuard(), SimpleNamespace(loggers=[mine, other]), {"steps": 3}, step=2)
     assert not hasattr(mine, "got") and other.got == {"grad/summary/steps": 3.0}  # W&B: the run summary
+
+
+def test_alert_titles_fit_w_and_b_and_never_collide():
+    titles = {}
+    for actions in (("alert",), ("rollback", "alert"), ("skip", "alert", "stop")):
+        for optimizer in (0, 1, 12):
+            for layer in (None, "net.0", "x" * 80, "y" * 80, *(f"model.encoder.layers.{i}.self_attn.out_proj"
+                                                                 for i in (1, 11))):
+                title = alert_title(event(1, "exploding", layer, actions=actions, optimizer=optimizer))
+                assert len(title) <= 63 and title not in titles, (title, titles.get(title))
+                titles[title] = (actions, optimizer, layer)

@@ -76,16 +76,30 @@ def alert_title(event: Any) -> str:
     'GradGuard: vanishing gradients in e.l.11.s.out_proj.lora_B'
     >>> alert_title(GradEvent(9, "nonfinite", "net.0", float("nan"), float("inf"), ("skip", "alert", "stop"), "..."))
     'GradGuard stopped the run: nonfinite gradients in net.0'
+    >>> alert_title(GradEvent(9, "exploding", "model.encoder.layers.11.self_attn.out_proj", 9.0, 1.0,
+    ...                       ("rollback", "alert"), "...", optimizer=1))
+    'GradGuard rolled back: exploding in m.e.l.11.s.out_proj (opt 1)'
 
     A run stopped, raised or rolled back gets a title of its own (the server's per-title limit would
-    drop it after the layer's first alert).
+    drop it after the layer's first alert). Where the layer's name would not keep its block numbers,
+    the head is shortened first (``stopped``, no ``gradients``).
     """
-    opt = f" (optimizer {event.optimizer})" if getattr(event, "optimizer", 0) else ""
-    head = f"GradGuard{_outcome(event)}: {event.kind} gradients"
-    if event.layer is None:
-        return f"{head} (global){opt}"[:_TITLE_MAX]
-    room = _TITLE_MAX - len(head) - len(" in ") - len(opt)
-    return f"{head} in {_shorten(event.layer, room)}{opt}"
+    n = getattr(event, "optimizer", 0)
+    outcome = _outcome(event)
+    forms = ((f"GradGuard{outcome}: {event.kind} gradients", f" (optimizer {n})" if n else ""),
+             (f"GradGuard{outcome.replace(' the run', '')}: {event.kind}", f" (opt {n})" if n else ""))
+    for head, opt in forms:
+        if event.layer is None:
+            title = f"{head} (global){opt}"
+            if len(title) <= _TITLE_MAX or opt == forms[-1][1]:
+                return title[:_TITLE_MAX]
+            continue
+        name = _shorten(event.layer, _TITLE_MAX - len(head) - len(" in ") - len(opt))
+        # words cut to their first letter, none lost, the last one whole
+        kept = name.count(".") == event.layer.count(".") and name.rsplit(".", 1)[-1] == event.layer.rsplit(".", 1)[-1]
+        if kept or head == forms[-1][0]:
+            return f"{head} in {name}{opt}"[:_TITLE_MAX]
+    raise AssertionError("unreachable")
 
 
 def _outcome(event: Any) -> str:
@@ -105,6 +119,8 @@ def _shorten(name: str, room: int) -> str:
 
     >>> _shorten("encoder.layers.11.self_attention.out_proj.lora_B", 29)
     'e.l.11.s.out_proj.lora_B'
+    >>> _shorten("encoder.layers.11.self_attention.out_proj.lora_B", 16)
+    'l.11.s.o.lora_B'
     """
     if len(name) <= room:
         return name
@@ -114,8 +130,13 @@ def _shorten(name: str, room: int) -> str:
             parts[i] = parts[i][:1]
         if len(".".join(parts)) <= room:
             return ".".join(parts)
+    # then the leading letters go, block numbers kept as long as possible
+    while len(parts) > 1 and len(".".join(parts)) > room and not parts[0].isdigit():
+        parts.pop(0)
     short = ".".join(parts)
-    return short if len(short) <= room else "..." + short[-(room - 3):]
+    if len(short) <= room:
+        return short
+    return "..." + short[-(room - 3):] if room > 3 else short[-room:] if room > 0 else ""
 
 
 def _num(x: float) -> str:
@@ -262,6 +283,7 @@ class WandbSink(GuardSink):
         self.run: Any = None
         self.alerts_sent = 0
         self.alerts_suppressed = 0
+        self._stop_sent = False
         self._last_alert: dict[tuple, float] = {}  # (kind, layer, optimizer) -> time of the last alert sent
         self._held_back: dict[tuple, int] = {}  # ... -> alerts suppressed since then
         self._hist_due: dict[int, bool] = {}
@@ -273,6 +295,7 @@ class WandbSink(GuardSink):
         self.run = wandb_run(trainer)
         self.recorder.reset()
         self.alerts_sent = self.alerts_suppressed = 0
+        self._stop_sent = False
         self._last_alert.clear()
         self._held_back.clear()
         self._hist_due.clear()
@@ -324,8 +347,9 @@ class WandbSink(GuardSink):
         key = (event.kind, event.layer, getattr(event, "optimizer", 0), _outcome(event))
         now = self._clock()
         last = self._last_alert.get(key)
-        # the run stopped or raised: always told (one per run); a rollback has its own window
-        final = _outcome(event) == " stopped the run"
+        # the run stopped or raised: told past max_alerts, once (a run stopped and still stepping, min_steps,
+        # stops again every step: those go by the window); a rollback has its own window
+        final = _outcome(event) == " stopped the run" and not self._stop_sent
         if not final and ((last is not None and now - last < self.alert_window_s)
                           or self.alerts_sent >= self.max_alerts):
             self.alerts_suppressed += 1
@@ -334,6 +358,7 @@ class WandbSink(GuardSink):
         held = self._held_back.pop(key, 0)
         self._last_alert[key] = now
         self.alerts_sent += 1
+        self._stop_sent = self._stop_sent or final
         self.run.alert(
             title=alert_title(event),
             text=alert_text(event, held, self.alert_window_s),
