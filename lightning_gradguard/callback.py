@@ -460,6 +460,8 @@ class GradGuard(Callback):
         # since the last optimizer step wait on the device and ride along with its one sync
         self._loss = LossTrend(self.config.warmup_steps, self.config.growth_window, self.converged_loss_ratio)
         self._pending_losses: list[Tensor] = []
+        self._bad_losses: list[float] = []  # non-finite losses read since the last analysed step (see _loss_events)
+        self._nonfinite_at: int | None = None  # the last step with non-finite gradients
         self._unwritten: list[tuple[int, dict[str, float]]] = []  # (log step, metrics) for the loggers
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -690,6 +692,8 @@ class GradGuard(Callback):
         # (given ``values``, the pending losses are those of later steps: sync="deferred" reads a step late)
         for v in values:
             self._loss.observe(v)
+            if not math.isfinite(v):
+                self._bad_losses.append(v)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
@@ -819,6 +823,10 @@ class GradGuard(Callback):
         watch.counts["steps"] += 1
 
         events = self._findings(watch, host, step, weights_before=applied is None or applied[1]) + cut_off
+        if events and any(e.kind == "nonfinite" for e in events):
+            self._nonfinite_at = step
+        if self._bad_losses:
+            events += self._loss_events(watch, step)
         try:
             clip_coef, norm_clipped = self._respond(trainer, pl_module, optimizer, watch, host, events, step, applied)
         except Exception:
@@ -1195,9 +1203,9 @@ class GradGuard(Callback):
         ``fit()`` of the same Trainer builds a new optimizer over them: a growth being clipped goes on
         being clipped at its anchor); rollback snapshots are dropped (they hold the optimizer's state of
         before, which cannot be loaded into it any more: an Adam state loaded into a new SGD crashed its
-        step), unless the new optimizer is of the same class with the same param groups. A replaced optimizer gets an LR scale on its own hooks: the one
-        ``on_train_start`` put on it (a second ``fit()`` of the same Trainer keeps the value), or afresh (1)
-        when it was replaced mid-run."""
+        step), unless the new optimizer is of the same class with the same param groups. A replaced
+        optimizer gets an LR scale on its own hooks: the one ``on_train_start`` put on it (a second
+        ``fit()`` of the same Trainer keeps the value), or afresh (1) when it was replaced mid-run."""
         if watch.in_flight is not None:  # sync="deferred": read the step in flight against the plan it was read with
             self._land(trainer, pl_module, watch.optimizer() or optimizer, watch)
         old = watch.plan
@@ -1390,6 +1398,22 @@ class GradGuard(Callback):
                 text += f"; {100 * squares[j] / squares.sum():.0f}% of it in {_q(watch.series_name(j + 1))}"
         return self._event(watch, step, "exploding", reason, series, value, threshold, text)
 
+    def _loss_events(self, watch: _Watch, step: int) -> list[GradEvent]:
+        """A non-finite loss returned by ``training_step`` with finite gradients: the loss is broken, not the
+        gradients (``log`` of a negative number, 0/0, a NaN target), and the run trains on something else than
+        what it reports. The losses are read with the next step's statistics: one after a step with
+        non-finite gradients (this one or the one before) is their symptom, reported already. A report only
+        (``log``, ``alert``, ``stop``, ``raise``): the update it belongs to is done, and this step's own
+        gradients are fine."""
+        bad, self._bad_losses = self._bad_losses, []
+        if self._nonfinite_at is not None and step - self._nonfinite_at <= 1:
+            return []
+        what = "NaN" if any(math.isnan(v) for v in bad) else "Inf"
+        text = (f"the loss training_step returned before this step was {what} ({len(bad)} "
+                f"batch{'es' if len(bad) > 1 else ''}) while the gradients are finite: the loss is broken, not the "
+                "gradients")
+        return [self._event(watch, step, "nonfinite", "loss", [0], bad[0], math.inf, text)]
+
     def _cut_off(self, watch: _Watch, present, step: int) -> list[GradEvent]:
         """A layer of the optimizer that requires grad and got no gradient for ``vanish_patience`` steps in a
         row is cut off from the loss (unused in forward, behind ``.detach()`` or ``torch.no_grad()``): it never
@@ -1540,7 +1564,8 @@ class GradGuard(Callback):
             self._healthy_step(pl_module, optimizer, watch, step)
             return clip_coef, norm_clipped
         configured = {"nonfinite": self.on_nonfinite, "exploding": self.on_exploding, "vanishing": self.on_vanishing}
-        wanted = {name for e in events for name in configured[e.kind]}
+        # a non-finite loss is reported only: its update is done, this step's gradients are fine
+        wanted = {name for e in events if e.reason != "loss" for name in configured[e.kind]}
         if clipping:
             wanted.add("clip")  # every flagged (or anchored) step is clipped, not only the first of an incident
         taken: dict[str, bool] = {}
@@ -1591,6 +1616,9 @@ class GradGuard(Callback):
         final = []
         for e in events:
             acts = [a for a in configured[e.kind] if a in ("log", "stop", "raise") or taken.get(a)]
+            if e.reason == "loss":  # each rank's own loss: a stop or raise would need the others to agree
+                acts = [a for a in configured[e.kind] if a == "log" or (a in ("stop", "raise") and
+                                                                          self._world_size == 1)]
             if e.reason == "amp_overflow":
                 acts = [a for a in acts if a not in ("skip", "clip")]
             if taken.get("skip") and not taken.get("rollback") and "skip" not in acts and (

@@ -64,7 +64,8 @@ class GradEvent:
         actions: the responses taken, in order.
         message: one line with all of the above, as logged, alerted and raised.
         reason: the detector that fired (``"nan"``, ``"inf"``, ``"weights"``, ``"amp_overflow"``, ``"spike"``,
-            ``"growth"``, ``"max_norm"``, ``"update_ratio"``, ``"dead"``, ``"relative"``, ``"drop"``, ``"no_grad"``).
+            ``"growth"``, ``"max_norm"``, ``"update_ratio"``, ``"dead"``, ``"relative"``, ``"drop"``, ``"no_grad"``,
+            ``"loss"``).
         optimizer: index of the optimizer in ``trainer.optimizers``.
         layers: every layer concerned, worst first.
     """

@@ -88,6 +88,12 @@ HINTS: dict[str, str] = {
         "The update is a large fraction of the weights (lr * |g| / |w|; around 1e-3 is typical): the learning "
         "rate is too high for this layer, or its weights are tiny (check its initialisation)."
     ),
+    "loss": (
+        "The loss is NaN/Inf while its gradients are finite: a term of the loss is broken where its derivative "
+        "is not (log or sqrt of a negative number: d log(b) = 1/b stays finite; 0/0 in a normalisation; a NaN "
+        "target masked out of the gradient). Clamp or softplus the input of log/sqrt, check the targets; the "
+        "run optimises something else than the loss it reports."
+    ),
     "no_grad": (
         "A layer that requires grad and is in the optimizer but gets no gradient at all is cut off from the loss: "
         "it is unused in forward (a layer built but forgotten, a branch never taken), its output goes through "

@@ -201,7 +201,7 @@ def test_no_step_taken_is_an_error_not_a_pass():
 def test_every_reason_has_a_hint():
     reasons = (
         "nan", "inf", "weights", "amp_overflow", "spike", "growth", "max_norm", "update_ratio", "dead", "relative",
-        "drop", "no_grad",
+        "drop", "no_grad", "loss",
     )
     for key in (*reasons, "nonfinite", "exploding", "vanishing"):
         assert len(HINTS[key]) > 40, key
@@ -384,3 +384,48 @@ def test_the_steps_without_a_gradient_are_counted_across_a_resume(tmp_path):
     resumed = GradGuard()
     trainer(max_steps=60, callbacks=[resumed]).fit(CutOff("detach"), digits_loader(), ckpt_path=tmp_path / "c.ckpt")
     assert [(e.step, e.reason) for e in resumed.events] == [(49, "no_grad")]
+
+
+class LogOfNegative(DigitsMLP):
+    """A second head whose output enters the loss through log() and turns negative from step ``at``: the loss is
+    NaN while d log(b) = 1/b keeps the gradients finite."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+        self.head_b = nn.Linear(64, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        b = nn.functional.softplus(self.head_b(x).squeeze(-1)) + 1.0
+        if self.global_step >= self.at:
+            b = b - b.detach().max() - 1.0
+        return nn.functional.cross_entropy(self(x), y) + 0.01 * torch.log(b).mean()
+
+
+def test_a_nan_loss_with_finite_gradients_fails_the_check():
+    with pytest.raises(GradientHealthError) as info:
+        check_gradients(LogOfNegative(at=7), digits_loader())
+    (event,) = info.value.events
+    assert (event.kind, event.reason, event.step, event.layer) == ("nonfinite", "loss", 8, None)
+    assert "the loss training_step returned before this step was NaN" in str(info.value)
+
+
+def test_a_nan_loss_is_reported_not_acted_on_and_nan_gradients_are_not_reported_twice():
+    from helpers import trainer
+    from lightning_gradguard import GradGuard
+
+    guard = GradGuard()  # on_nonfinite=("skip", "alert"): a loss event only alerts
+    model = LogOfNegative(at=10)
+    trainer(max_steps=14, callbacks=[guard]).fit(model, digits_loader())
+    assert [(e.step, e.reason, e.actions) for e in guard.events] == [(11, "loss", ("alert",))] + [
+        (s, "loss", ()) for s in (12, 13)]
+    assert guard.summary()["skipped_fraction"] == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+    class NaNAt5(DigitsMLP):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step == 5 else loss
+
+    guard = GradGuard()  # NaN gradients and a NaN loss at step 5, the loss read at 6: one event, the gradients'
+    trainer(max_steps=10, callbacks=[guard]).fit(NaNAt5(), digits_loader())
+    assert [(e.step, e.reason) for e in guard.events] == [(5, "nan")]
