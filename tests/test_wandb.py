@@ -410,3 +410,16 @@ def test_alert_titles_fit_w_and_b_and_never_collide():
                 title = alert_title(event(1, "exploding", layer, actions=actions, optimizer=optimizer))
                 assert len(title) <= 63 and title not in titles, (title, titles.get(title))
                 titles[title] = (actions, optimizer, layer)
+
+
+def test_a_wandb_logger_prefix_applies_to_pictures_and_summary_too(wandb_env):
+    from lightning.pytorch.loggers import WandbLogger
+
+    guard = GradGuard()
+    trainer(logger=WandbLogger(offline=True, save_dir=str(wandb_env), prefix="train"), max_steps=10,
+            log_every_n_steps=5, callbacks=[guard]).fit(FaultyMLP({3: "nan_layer"}), digits_loader())
+    wandb.finish()
+    run = read_run(find_run_file(str(wandb_env)))
+    assert run.rows_with("train-grad/norm_total") and run.rows_with("train-grad/flow")  # beside each other
+    assert not run.rows_with("grad/flow") and not run.rows_with("grad/norm_total")
+    assert run.summary["train-grad/events/nonfinite"] == 1 and "grad/events/nonfinite" not in run.summary

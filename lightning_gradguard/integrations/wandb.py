@@ -284,6 +284,7 @@ class WandbSink(GuardSink):
         self.alerts_sent = 0
         self.alerts_suppressed = 0
         self._stop_sent = False
+        self._prefix = ""  # the WandbLogger's own key prefix, joined (see setup)
         self._last_alert: dict[tuple, float] = {}  # (kind, layer, optimizer) -> time of the last alert sent
         self._held_back: dict[tuple, int] = {}  # ... -> alerts suppressed since then
         self._hist_due: dict[int, bool] = {}
@@ -293,6 +294,12 @@ class WandbSink(GuardSink):
     # ------------------------------------------------------------------ GuardSink
     def setup(self, guard, trainer) -> None:
         self.run = wandb_run(trainer)
+        # WandbLogger(prefix="train") puts "train-" before the keys it logs, the guard's scalars included: the
+        # pictures, histograms and summary this sink writes itself get it too, so they sit beside them
+        wandb_logger = next((lg for lg in getattr(trainer, "loggers", None) or []
+                             if any(c.__name__ == "WandbLogger" for c in type(lg).__mro__)), None)
+        prefix = getattr(wandb_logger, "_prefix", "") or ""
+        self._prefix = f"{prefix}{getattr(wandb_logger, 'LOGGER_JOIN_CHAR', '-')}" if prefix else ""
         self.recorder.reset()
         self.alerts_sent = self.alerts_suppressed = 0
         self._stop_sent = False
@@ -338,9 +345,9 @@ class WandbSink(GuardSink):
             for optimizer in self.recorder.unpublished():
                 self._log_pictures(guard, optimizer, self.recorder.log_steps[optimizer])
         for key, value in summary.items():
-            self.run.summary[f"{guard.prefix}{key}"] = value if value is not None else "none"
-        self.run.summary[f"{guard.prefix}alerts_sent"] = self.alerts_sent
-        self.run.summary[f"{guard.prefix}alerts_suppressed"] = self.alerts_suppressed
+            self.run.summary[f"{self._prefix}{guard.prefix}{key}"] = value if value is not None else "none"
+        self.run.summary[f"{self._prefix}{guard.prefix}alerts_sent"] = self.alerts_sent
+        self.run.summary[f"{self._prefix}{guard.prefix}alerts_suppressed"] = self.alerts_suppressed
 
     # ------------------------------------------------------------------ alerts
     def _alert(self, event) -> None:
@@ -371,8 +378,8 @@ class WandbSink(GuardSink):
     def _key(self, guard, optimizer: int, name: str) -> str:
         watch = getattr(guard, "_watches", {}).get(optimizer)
         if watch is not None and hasattr(guard, "_key"):
-            return guard._key(watch, name)  # the same opt<i>/ convention as the guard's metrics
-        return f"{guard.prefix}{f'opt{optimizer}/' if optimizer else ''}{name}"
+            return self._prefix + guard._key(watch, name)  # the same opt<i>/ convention as the guard's metrics
+        return f"{self._prefix}{guard.prefix}{f'opt{optimizer}/' if optimizer else ''}{name}"
 
     def _log_pictures(self, guard, optimizer: int, log_step: int) -> None:
         import wandb
