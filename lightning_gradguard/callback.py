@@ -437,6 +437,7 @@ class GradGuard(Callback):
         self._skip_load = False  # see on_load_checkpoint
         self._module: weakref.ref | None = None
         self._late_error: GradientHealthError | None = None  # a "raise" found at checkpoint time, raised next hook
+        self._late_stop = False  # a "stop" found at checkpoint time, set in the next hook
 
     def _new_run(self) -> None:
         """The state of one run (one Trainer's fits): made at construction, and again when the guard is
@@ -482,7 +483,7 @@ class GradGuard(Callback):
         plugin = trainer.precision_plugin
         self._world_size = int(getattr(trainer, "world_size", 1) or 1)
         self._scaler = getattr(plugin, "scaler", None)
-        self._late_error = None  # of an earlier fit
+        self._late_error, self._late_stop = None, False  # of an earlier fit
         self._reduce = self._all_reduce(trainer)
         if stage != "fit":
             return
@@ -856,6 +857,8 @@ class GradGuard(Callback):
         if self._late_error is not None:  # a "raise" found while a checkpoint was being saved
             error, self._late_error = self._late_error, None
             raise error
+        if self._late_stop:  # a "stop" found while a checkpoint was being saved
+            trainer.should_stop, self._late_stop = True, False
         if watch.in_flight is not None:
             try:
                 self._land(trainer, pl_module, optimizer, watch)
@@ -2003,7 +2006,12 @@ class GradGuard(Callback):
     def state_dict(self) -> dict[str, Any]:
         trainer, module = (self._trainer and self._trainer()), (self._module and self._module())
         if trainer is not None and module is not None and any(w.in_flight for w in self._watches.values()):
+            stopping = trainer.should_stop
             self._land_all(trainer, module, quiet=True)  # sync="deferred": the checkpoint holds the last step
+            if trainer.should_stop and not stopping:
+                # a "stop" found while landing for a checkpoint takes effect where it would have without one:
+                # after the next step (a run saved every step stopped a step earlier than one saved never)
+                trainer.should_stop, self._late_stop = False, True
         if self._pending_losses:
             self._flush_losses()  # the trend observes them now instead of at the next step: same state then
         watches = {}

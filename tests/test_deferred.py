@@ -188,6 +188,19 @@ def test_two_verdicts_for_one_step_combine():
     assert not hasattr(opt, "found_inf")
 
 
+def test_a_stop_read_while_a_checkpoint_is_saved_takes_effect_where_it_would_without_one(tmp_path):
+    ends = []
+    for every in (None, 1):
+        guard = GradGuard(sync="deferred", on_nonfinite=("skip", "stop"))
+        saving = [ModelCheckpoint(dirpath=tmp_path / str(every), every_n_train_steps=every, save_top_k=-1)
+                  ] if every else []
+        t = trainer(max_steps=15, callbacks=[guard, *saving], enable_checkpointing=bool(every))
+        t.fit(FusedMLP({5: "nan_layer"}), digits_loader())
+        assert [(e.step, e.actions) for e in guard.events] == [(5, ("skip", "stop"))]
+        ends.append(t.global_step)
+    assert ends == [7, 7]  # read in step 6's hook: stops after step 6, saved every step or not
+
+
 def test_raise_comes_one_step_late_and_the_nan_never_reaches_the_weights():
     guard = GradGuard(sync="deferred", on_nonfinite=("skip", "raise"))
     model = FusedMLP({5: "nan_layer"})
