@@ -462,7 +462,9 @@ class GradGuard(Callback):
         self._loss = LossTrend(self.config.warmup_steps, self.config.growth_window, self.converged_loss_ratio)
         self._pending_losses: list[Tensor] = []
         self._bad_losses: list[float] = []  # non-finite losses read since the last analysed step (see _loss_events)
-        self._nonfinite_at: int | None = None  # the last step with non-finite gradients
+        self._batches = 0  # training batches started (the losses' clock, see _loss_events)
+        self._nonfinite_batch = -1  # the batch of the last step whose gradients held NaN/Inf
+        self._read_batch = 0  # the batch of the last analysed step
         self._unwritten: list[tuple[int, dict[str, float]]] = []  # (log step, metrics) for the loggers
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -656,6 +658,7 @@ class GradGuard(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batches += 1
         if self._samples_read:  # the step they were read for is done (accumulation: they add up until then)
             self._samples, self._samples_read = 0, False
         self._samples += _batch_size(batch)
@@ -813,8 +816,12 @@ class GradGuard(Callback):
         )
         extra = [series[name][None] for name in ("max_abs", "weight") if name in series]
         cut_off = self._cut_off(watch, series["present"], step)
+        if watch.detector.flags & Code.NONFINITE:  # (a GradScaler's overflow too: no event, but the loss's cause)
+            self._nonfinite_batch = self._batches
+        reports = self._loss_events(trainer, watch, step) if self._bad_losses else []
+        self._read_batch = self._batches
         if isinstance(report, list) and not (extra or watch.detector.flags or watch.anchor is not None
-                                             or info.is_log_step or cut_off):
+                                             or info.is_log_step or cut_off or reports):
             # the usual healthy step of a small model: findings, responses and sinks need only the
             # norms; the report stays Python lists (no numpy call)
             host = None
@@ -824,15 +831,12 @@ class GradGuard(Callback):
         watch.counts["steps"] += 1
 
         events = self._findings(watch, host, step, weights_before=applied is None or applied[1]) + cut_off
-        if events and any(e.kind == "nonfinite" for e in events):
-            self._nonfinite_at = step
-        if self._bad_losses:
-            events += self._loss_events(watch, step)
         try:
             clip_coef, norm_clipped = self._respond(trainer, pl_module, optimizer, watch, host, events, step, applied)
         except Exception:
-            self._unanswered(trainer, events)
+            self._unanswered(trainer, events + reports)
             raise  # reported as the guard's internal error, and the fail-safe still keeps NaN/Inf out
+        events += reports  # reports only: kept out of the responses (and of the healthy-step bookkeeping)
         if self.sync == "deferred":  # a step read on the device or (a fallback) with one sync
             watch.limits = self._limits(watch)  # for the device's decision on the next step
         metrics = None
@@ -1231,8 +1235,8 @@ class GradGuard(Callback):
                 watch.lr_scale = scale
         kept = same and tuple(old.layers) == tuple(watch.plan.layers)  # the same series, index for index
         if watch.absent is not None:  # steps without a gradient go on counting, layer by layer
-            watch.absent = [watch.absent[0]] + [watch.absent[1 + index[name]] if name in index else 0
-                                                for name in watch.plan.layers]
+            watch.absent = [int(watch.absent[0])] + [int(watch.absent[1 + index[name]]) if name in index else 0
+                                                     for name in watch.plan.layers]
         if not kept:
             watch.last_fired, watch.anchor, watch.anchor_until, watch.anchor_first = {}, None, None, None
         watch.limits = None  # sync="deferred": limits of the old layers
@@ -1401,34 +1405,58 @@ class GradGuard(Callback):
                 text += f"; {100 * squares[j] / squares.sum():.0f}% of it in {_q(watch.series_name(j + 1))}"
         return self._event(watch, step, "exploding", reason, series, value, threshold, text)
 
-    def _loss_events(self, watch: _Watch, step: int) -> list[GradEvent]:
+    def _loss_events(self, trainer: Trainer, watch: _Watch, step: int) -> list[GradEvent]:
         """A non-finite loss returned by ``training_step`` with finite gradients: the loss is broken, not the
         gradients (``log`` of a negative number, 0/0, a NaN target), and the run trains on something else than
-        what it reports. The losses are read with the next step's statistics: one after a step with
-        non-finite gradients (this one or the one before) is their symptom, reported already. A report only
-        (``log``, ``alert``, ``stop``, ``raise``): the update it belongs to is done, and this step's own
-        gradients are fine."""
+        what it reports. The losses are read with the next step's statistics: those of batches since a step
+        whose gradients held NaN/Inf (a GradScaler overflow too) are its symptom, reported already (or the
+        scaler's business). A report only, answered here, not by the responses: ``log``, ``alert``, ``stop``,
+        ``raise`` (these two on a single rank only: each rank has its own loss, and a stop must be agreed);
+        the update it belongs to is done, and this step's own gradients are fine."""
         bad, self._bad_losses = self._bad_losses, []
-        if self._nonfinite_at is not None and step - self._nonfinite_at <= 1:
+        if self._nonfinite_batch >= self._read_batch:
             return []
         what = "NaN" if any(math.isnan(v) for v in bad) else "Inf"
         text = (f"the loss training_step returned before this step was {what} ({len(bad)} "
                 f"batch{'es' if len(bad) > 1 else ''}) while the gradients are finite: the loss is broken, not the "
                 "gradients")
-        return [self._event(watch, step, "nonfinite", "loss", [0], bad[0], math.inf, text)]
+        event = self._event(watch, step, "nonfinite", "loss", [0], bad[0], math.inf, text)
+        acts = [a for a in self.on_nonfinite if a == "log" or (a in ("stop", "raise") and self._world_size == 1)]
+        if "alert" in self.on_nonfinite and self._alert_due(event, step):
+            acts.insert(1 if "log" in acts else 0, "alert")
+        event = GradEvent(**{**event.to_dict(), "actions": tuple(acts),
+                             "message": event.message + (f" -> {', '.join(acts)}" if acts else "")})
+        self.events.append(event)
+        self._event_counts["nonfinite"] += 1
+        if "alert" in acts and trainer.is_global_zero:
+            log.warning("GradGuard: %s", event.message)
+        if "stop" in acts and not trainer.should_stop:
+            trainer.should_stop = True  # a single rank: nothing to agree on
+            log.warning("GradGuard stopped training: %s", event.message)
+        return [event]
 
     def _cut_off(self, watch: _Watch, present, step: int) -> list[GradEvent]:
         """A layer of the optimizer that requires grad and got no gradient for ``vanish_patience`` steps in a
         row is cut off from the loss (unused in forward, behind ``.detach()`` or ``torch.no_grad()``): it never
         trains, and its norm, absent rather than 0, is no "dead" one. Once per such run of steps; frozen layers
         (``requires_grad=False``) aside. The usual step (every layer had a gradient) costs one ``all()``."""
-        if all(present):
-            watch.absent = None
-            return []
-        before = watch.absent if watch.absent is not None and len(watch.absent) == len(present) else [0] * len(present)
-        watch.absent = absent = [0 if here else n + 1 for here, n in zip(present, before)]
         patience = self.config.vanish_patience
-        hit = [i for i in range(1, len(absent)) if absent[i] == patience]
+        if isinstance(present, np.ndarray):  # past 112 series: numpy, not Python loops over every layer
+            if present.all():
+                watch.absent = None
+                return []
+            before = np.asarray(watch.absent, dtype=np.int64) if watch.absent is not None and len(
+                watch.absent) == len(present) else np.zeros(len(present), dtype=np.int64)
+            watch.absent = absent = np.where(present, 0, before + 1)
+            hit = (np.flatnonzero(absent[1:] == patience) + 1).tolist()  # numpy: no sync
+        else:
+            if all(present):
+                watch.absent = None
+                return []
+            before = watch.absent if watch.absent is not None and len(watch.absent) == len(present) \
+                else [0] * len(present)
+            watch.absent = absent = [0 if here else n + 1 for here, n in zip(present, before)]
+            hit = [i for i in range(1, len(absent)) if absent[i] == patience]
         if not hit:
             return []
         wants = [False] * len(absent)
@@ -1567,8 +1595,7 @@ class GradGuard(Callback):
             self._healthy_step(pl_module, optimizer, watch, step)
             return clip_coef, norm_clipped
         configured = {"nonfinite": self.on_nonfinite, "exploding": self.on_exploding, "vanishing": self.on_vanishing}
-        # a non-finite loss is reported only: its update is done, this step's gradients are fine
-        wanted = {name for e in events if e.reason != "loss" for name in configured[e.kind]}
+        wanted = {name for e in events for name in configured[e.kind]}
         if clipping:
             wanted.add("clip")  # every flagged (or anchored) step is clipped, not only the first of an incident
         taken: dict[str, bool] = {}
@@ -1619,9 +1646,6 @@ class GradGuard(Callback):
         final = []
         for e in events:
             acts = [a for a in configured[e.kind] if a in ("log", "stop", "raise") or taken.get(a)]
-            if e.reason == "loss":  # each rank's own loss: a stop or raise would need the others to agree
-                acts = [a for a in configured[e.kind] if a == "log" or (a in ("stop", "raise") and
-                                                                          self._world_size == 1)]
             if e.reason == "amp_overflow":
                 acts = [a for a in acts if a not in ("skip", "clip")]
             if taken.get("skip") and not taken.get("rollback") and "skip" not in acts and (
@@ -2030,7 +2054,7 @@ class GradGuard(Callback):
                 "streaks": [w.bad_streak, w.skip_streak, w.rollbacks_in_a_row],
                 # numpy or a list, on the host: no sync
                 "present": None if w.present is None else [bool(v) for v in list(w.present)[1:]],
-                "absent": w.absent,  # a host list of ints, or None
+                "absent": None if w.absent is None else [int(n) for n in w.absent],  # host ints: no sync
             }
         for index, pending in self._pending_state.items():
             watches.setdefault(index, pending)
@@ -2043,6 +2067,8 @@ class GradGuard(Callback):
             # alert_quiet_steps goes on across a resume: (optimizer, kind, reason, layer, step of the last alert)
             "last_alert": [[*key, step] for key, step in self._last_alert.items()],
             "usual_samples": [self._usual_samples, self._small_steps],
+            # non-finite losses read for the checkpoint and not reported yet (unless a NaN step explains them)
+            "bad_losses": [] if self._nonfinite_batch >= self._read_batch else [float(v) for v in self._bad_losses],
         }
 
     @override
@@ -2079,6 +2105,8 @@ class GradGuard(Callback):
         self._opt_index = {}
         self._last_alert = {tuple(entry[:-1]): int(entry[-1]) for entry in state_dict.get("last_alert", [])}
         self._usual_samples, self._small_steps = (int(v) for v in state_dict.get("usual_samples", [0, 0]))
+        self._bad_losses = [float(v) for v in state_dict.get("bad_losses", [])]
+        self._batches, self._nonfinite_batch, self._read_batch = 0, -1, 0
         loss = state_dict.get("loss")
         if isinstance(loss, dict):
             self._loss.load_state_dict(loss)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -415,12 +417,27 @@ def test_a_nan_loss_is_reported_not_acted_on_and_nan_gradients_are_not_reported_
     from helpers import trainer
     from lightning_gradguard import GradGuard
 
-    guard = GradGuard()  # on_nonfinite=("skip", "alert"): a loss event only alerts
+    from lightning_gradguard import GuardSink
+
+    class Seen(GuardSink):
+        def __init__(self):
+            self.events = []
+
+        def on_event(self, guard, trainer, event):
+            self.events.append(event.step)
+
+    sink = Seen()
+    guard = GradGuard(sinks=[sink])  # on_nonfinite=("skip", "alert"): a loss event only alerts
     model = LogOfNegative(at=10)
     trainer(max_steps=14, callbacks=[guard]).fit(model, digits_loader())
     assert [(e.step, e.reason, e.actions) for e in guard.events] == [(11, "loss", ("alert",))] + [
         (s, "loss", ()) for s in (12, 13)]
+    assert guard.internal_errors == 0 and sink.events == [11, 12, 13]  # not only on logged steps
     assert guard.summary()["skipped_fraction"] == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+    guard = GradGuard(on_nonfinite=("skip", "raise"))
+    with pytest.raises(GradientHealthError, match="step 11: the loss training_step returned before this step"):
+        trainer(max_steps=14, callbacks=[guard]).fit(LogOfNegative(at=10), digits_loader())
+    assert guard.internal_errors == 0
     class NaNAt5(DigitsMLP):
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
@@ -429,3 +446,75 @@ def test_a_nan_loss_is_reported_not_acted_on_and_nan_gradients_are_not_reported_
     guard = GradGuard()  # NaN gradients and a NaN loss at step 5, the loss read at 6: one event, the gradients'
     trainer(max_steps=10, callbacks=[guard]).fit(NaNAt5(), digits_loader())
     assert [(e.step, e.reason) for e in guard.events] == [(5, "nan")]
+
+
+def test_a_nan_loss_after_a_fp16_overflow_or_in_a_gan_is_its_symptom_not_a_loss_event():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from helpers import TwoOptimizers, trainer
+    from lightning_gradguard import GradGuard
+
+    class Overflow(DigitsMLP):  # one batch whose fp16 activations overflow: a NaN loss, the scaler skips it
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x * 1e5 if self.global_step == 20 else x), y)
+
+    guard = GradGuard()
+    scaler = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    trainer(max_steps=30, callbacks=[guard], plugins=[scaler]).fit(Overflow(), digits_loader())
+    assert guard.summary()["amp_overflows"] >= 1 and guard.events == [] and guard.internal_errors == 0
+
+    class NaNLossInB(TwoOptimizers):  # the second optimizer's loss and gradients NaN at batch 5, returned
+        def training_step(self, batch, batch_idx):
+            if self.batches != 5:
+                return super().training_step(batch, batch_idx)
+            x, y = batch
+            opt_a, opt_b = self.optimizers()
+            opt_a.zero_grad(), self.manual_backward(nn.functional.cross_entropy(self.net(x), y)), opt_a.step()
+            loss_b = nn.functional.cross_entropy(self.b(self.net(x).detach()), y) * float("nan")
+            opt_b.zero_grad(), self.manual_backward(loss_b), opt_b.step()
+            self.batches += 1
+            return loss_b
+
+    guard = GradGuard()
+    trainer(max_steps=20, callbacks=[guard]).fit(NaNLossInB(), digits_loader())
+    assert [(e.optimizer, e.reason) for e in guard.events] == [(1, "nan")]  # no "loss" event two steps later
+
+
+def test_a_nan_loss_read_for_a_checkpoint_is_reported_after_the_resume(tmp_path):
+    from helpers import trainer
+    from lightning_gradguard import GradGuard
+
+    class Saves(LogOfNegative):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if self.global_step == 11:  # after the NaN loss of step 10 was handed to the guard
+                self.trainer.save_checkpoint(tmp_path / "c.ckpt")
+
+    straight = GradGuard()
+    trainer(max_steps=11, callbacks=[straight]).fit(Saves(at=10), digits_loader())
+    resumed = GradGuard()
+    trainer(max_steps=13, callbacks=[resumed]).fit(LogOfNegative(at=0), digits_loader(),
+                                                   ckpt_path=tmp_path / "c.ckpt")
+    assert [(e.step, e.reason) for e in resumed.events][:1] == [(11, "loss")]
+
+
+def test_a_cut_off_layer_among_more_than_112_is_found_with_numpy():
+    from helpers import trainer
+    from lightning_gradguard import GradGuard
+
+    class Deep(DigitsMLP):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(10, 10) for _ in range(120))
+
+        def forward(self, x):
+            h = super().forward(x)
+            for i, block in enumerate(self.blocks):
+                if i != 57:  # block 57 is forgotten
+                    h = h + 0.01 * block(h)
+            return h
+
+    guard = GradGuard(vanish_patience=10)
+    trainer(max_steps=12, callbacks=[guard]).fit(Deep(), digits_loader())
+    assert [(e.step, e.reason, e.layer) for e in guard.events] == [(9, "no_grad", "blocks.57")]
+    assert isinstance(guard._watches[0].absent, np.ndarray) and guard.internal_errors == 0

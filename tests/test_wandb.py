@@ -250,12 +250,13 @@ def test_level_title_and_text():
     assert alert_level(event(1, "exploding", actions=("rollback", "alert"))) == "ERROR"
     long = event(3, "vanishing", "model.encoder.layers.23.attention.self.query_key_value.lora_A", optimizer=2)
     title = alert_title(long)
-    assert title == "GradGuard: vanishing in m.e.l.23.a.s.q.lora_A (opt 2)"  # a shorter head keeps the block
+    assert title == "GradGuard: vanishing in m.e.l.23.a.s.q.lora_A~881b (opt 2)"  # a shorter head keeps the block
     # W&B drops an alert whose title it saw within wait_duration: layers that differ in a block number only
     # must not share a title (they did when the head of the name was cut off)
     names = [f"model.encoder.layers.{i}.self_attention.out_proj.lora_B" for i in (0, 1, 11)]
     titles = [alert_title(event(1, "vanishing", name, actions=("alert",))) for name in names]
-    assert titles == [f"GradGuard: vanishing gradients in m.e.l.{i}.s.out_proj.lora_B" for i in (0, 1, 11)]
+    assert [t.rsplit("~", 1)[0] for t in titles] == [
+        f"GradGuard: vanishing gradients in m.e.l.{i}.s.o.lora_B" for i in (0, 1, 11)]
     stopped = alert_title(event(1, actions=("skip", "alert", "stop")))
     assert stopped == "GradGuard stopped the run: nonfinite gradients in net.0"
     assert alert_title(event(1, actions=("rollback", "alert"))) == "GradGuard rolled back: nonfinite gradients in net.0"
@@ -406,7 +407,9 @@ def test_alert_titles_fit_w_and_b_and_never_collide():
     for actions in (("alert",), ("rollback", "alert"), ("skip", "alert", "stop")):
         for optimizer in (0, 1, 12):
             for layer in (None, "net.0", "x" * 80, "y" * 80, *(f"model.encoder.layers.{i}.self_attn.out_proj"
-                                                                 for i in (1, 11))):
+                                                                 for i in (1, 11)),
+                          *(f"base_model.model.encoder.layer.{i}.attention.self.query.lora_{ab}.default"
+                            for i in (0, 12, 13) for ab in "AB")):
                 title = alert_title(event(1, "exploding", layer, actions=actions, optimizer=optimizer))
                 assert len(title) <= 63 and title not in titles, (title, titles.get(title))
                 titles[title] = (actions, optimizer, layer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,12 +74,12 @@ def alert_title(event: Any) -> str:
     'GradGuard: nonfinite gradients in net.0'
     >>> alert_title(GradEvent(7, "vanishing", "encoder.layers.11.self_attention.out_proj.lora_B",
     ...                       1e-9, 1e-5, ("alert",), "..."))
-    'GradGuard: vanishing gradients in e.l.11.s.out_proj.lora_B'
+    'GradGuard: vanishing gradients in e.l.11.s.out_proj.lora_B~3245'
     >>> alert_title(GradEvent(9, "nonfinite", "net.0", float("nan"), float("inf"), ("skip", "alert", "stop"), "..."))
     'GradGuard stopped the run: nonfinite gradients in net.0'
     >>> alert_title(GradEvent(9, "exploding", "model.encoder.layers.11.self_attn.out_proj", 9.0, 1.0,
     ...                       ("rollback", "alert"), "...", optimizer=1))
-    'GradGuard rolled back: exploding in m.e.l.11.s.out_proj (opt 1)'
+    'GradGuard rolled back: exploding in 11.s.out_proj~07cf (opt 1)'
 
     A run stopped, raised or rolled back gets a title of its own (the server's per-title limit would
     drop it after the layer's first alert). Where the layer's name would not keep its block numbers,
@@ -96,7 +97,8 @@ def alert_title(event: Any) -> str:
             continue
         name = _shorten(event.layer, _TITLE_MAX - len(head) - len(" in ") - len(opt))
         # words cut to their first letter, none lost, the last one whole
-        kept = name.count(".") == event.layer.count(".") and name.rsplit(".", 1)[-1] == event.layer.rsplit(".", 1)[-1]
+        bare = name.rsplit("~", 1)[0] if name != event.layer else name
+        kept = bare.count(".") == event.layer.count(".") and bare.rsplit(".", 1)[-1] == event.layer.rsplit(".", 1)[-1]
         if kept or head == forms[-1][0]:
             return f"{head} in {name}{opt}"[:_TITLE_MAX]
     raise AssertionError("unreachable")
@@ -115,28 +117,32 @@ def _outcome(event: Any) -> str:
 
 def _shorten(name: str, room: int) -> str:
     """``name`` in ``room`` characters, its distinguishing parts kept: the words before the last one are
-    cut to their first letter, left to right (block numbers stay), then the head is cut off.
+    cut to their first letter, left to right (block numbers stay), then the leading ones dropped, then the
+    head cut off; a shortened name ends in ``~`` and 4 hex digits of the whole name's CRC, so two names
+    never share a shortened form (``lora_A`` and ``lora_B`` both start with ``l``).
 
     >>> _shorten("encoder.layers.11.self_attention.out_proj.lora_B", 29)
-    'e.l.11.s.out_proj.lora_B'
+    'e.l.11.s.out_proj.lora_B~3245'
     >>> _shorten("encoder.layers.11.self_attention.out_proj.lora_B", 16)
-    'l.11.s.o.lora_B'
+    '11.s.o.lora~3245'
     """
     if len(name) <= room:
         return name
+    tag = f"~{zlib.crc32(name.encode()) & 0xFFFF:04x}"
+    room -= len(tag)
     parts = name.split(".")
     for i in range(len(parts) - 1):
         if not parts[i].isdigit():
             parts[i] = parts[i][:1]
         if len(".".join(parts)) <= room:
-            return ".".join(parts)
+            return ".".join(parts) + tag
     # then the leading letters go, block numbers kept as long as possible
     while len(parts) > 1 and len(".".join(parts)) > room and not parts[0].isdigit():
         parts.pop(0)
     short = ".".join(parts)
-    if len(short) <= room:
-        return short
-    return "..." + short[-(room - 3):] if room > 3 else short[-room:] if room > 0 else ""
+    if len(short) > room:
+        short = short[:room] if room > 0 else ""
+    return short + tag
 
 
 def _num(x: float) -> str:
