@@ -1470,7 +1470,7 @@ class GradGuard(Callback):
         text = (f"{names}{f' and {len(hit) - 5} more' if len(hit) > 5 else ''} got no gradient for {patience} "
                 f"steps in a row, although {'they require' if several else 'it requires'} grad and "
                 f"{'are' if several else 'is'} in the optimizer: cut off from the loss (unused in forward, behind "
-                ".detach() or torch.no_grad()?), never trained")
+                ".detach() or torch.no_grad()?), not trained")
         return [self._event(watch, step, "vanishing", "no_grad", hit, float(patience), float(patience), text)]
 
     def _vanishing(self, watch: _Watch, host: np.ndarray, step: int, new: np.ndarray, flagged: np.ndarray) -> GradEvent:

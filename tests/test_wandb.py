@@ -260,6 +260,7 @@ def test_level_title_and_text():
     stopped = alert_title(event(1, actions=("skip", "alert", "stop")))
     assert stopped == "GradGuard stopped the run: nonfinite gradients in net.0"
     assert alert_title(event(1, actions=("rollback", "alert"))) == "GradGuard rolled back: nonfinite gradients in net.0"
+    assert alert_title(event(1, layer=None, reason="loss")) == "GradGuard: nonfinite loss (global)"  # finite grads
     text = alert_text(long)
     assert "optimizer: 2" in text and "layer: model.encoder.layers.23" in text
 

@@ -87,7 +87,8 @@ def alert_title(event: Any) -> str:
     """
     n = getattr(event, "optimizer", 0)
     outcome = _outcome(event)
-    forms = ((f"GradGuard{outcome}: {event.kind} gradients", f" (optimizer {n})" if n else ""),
+    what = "loss" if getattr(event, "reason", "") == "loss" else "gradients"  # a NaN loss, finite gradients
+    forms = ((f"GradGuard{outcome}: {event.kind} {what}", f" (optimizer {n})" if n else ""),
              (f"GradGuard{outcome.replace(' the run', '')}: {event.kind}", f" (opt {n})" if n else ""))
     for head, opt in forms:
         if event.layer is None:
