@@ -99,7 +99,8 @@ def alert_title(event: Any) -> str:
         name = _shorten(event.layer, _TITLE_MAX - len(head) - len(" in ") - len(opt))
         # words cut to their first letter, none lost, the last one whole
         bare = name.rsplit("~", 1)[0] if name != event.layer else name
-        kept = bare.count(".") == event.layer.count(".") and bare.rsplit(".", 1)[-1] == event.layer.rsplit(".", 1)[-1]
+        last = event.layer.rsplit(".", 1)[-1]
+        kept = bare.count(".") == event.layer.count(".") and bare.rsplit(".", 1)[-1] == last
         if kept or head == forms[-1][0]:
             return f"{head} in {name}{opt}"[:_TITLE_MAX]
     raise AssertionError("unreachable")
