@@ -454,6 +454,7 @@ class GradGuard(Callback):
         self._ddp_frozen: list[tuple[str, Tensor]] | None = None  # frozen when DDP wrapped the model (see on_train_start)
         self._event_counts = {"nonfinite": 0, "exploding": 0, "vanishing": 0}
         self._samples, self._samples_read = 0, False  # samples in the batches of the optimizer step in progress
+        self._epoch_end = False  # one of them is the epoch's last (the only one that may be partial)
         self._slack = 0.0  # of the optimizer step in progress, once read
         self._usual_samples, self._small_steps = 0, 0  # see _step_slack
         self._last_alert: dict[tuple, int] = {}  # (optimizer, kind, reason, layer) -> step of its last alert
@@ -660,8 +661,12 @@ class GradGuard(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._batches += 1
         if self._samples_read:  # the step they were read for is done (accumulation: they add up until then)
-            self._samples, self._samples_read = 0, False
+            self._samples, self._samples_read, self._epoch_end = 0, False, False
         self._samples += _batch_size(batch)
+        # set by Lightning when it fetched the batch (None where unknown: taken as maybe)
+        last = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None),
+                       "is_last_batch", None)
+        self._epoch_end = self._epoch_end or last is not False
         for shared in self._shared.values():
             if shared is not None and shared.queues.get(id(self)):  # Lightning wrote nothing at that step
                 self._write_metrics(trainer)
@@ -775,7 +780,9 @@ class GradGuard(Callback):
         where its batches hold fewer samples than usual (an epoch's partial last batch, ``drop_last=False``):
         the noise of a mean gradient grows as 1/sqrt(batch), and a 5-sample last batch of a 32-sample run
         measured up to 4.6x the level (the spike floor is 4x), full batches at most 2x. The usual size is
-        the largest seen, or a smaller one that persisted for 50 steps (the batch size was changed)."""
+        the largest seen, or a smaller one that persisted for 50 steps (the batch size was changed). Only
+        at an epoch's last batch: batches whose first dimension varies by design (time-major sequences of
+        varying length, batches sized by tokens) keep their thresholds."""
         if self._samples_read:  # read already for this batch (sync="deferred" reads twice; two optimizers)
             return self._slack
         samples, self._samples_read, self._slack = self._samples, True, 0.0
@@ -789,7 +796,7 @@ class GradGuard(Callback):
             self._small_steps += 1
             if self._small_steps >= 50:
                 self._usual_samples, self._small_steps = samples, 0
-            else:
+            elif self._epoch_end:
                 self._slack = 0.5 * math.log10(self._usual_samples / samples)
         return self._slack
 
