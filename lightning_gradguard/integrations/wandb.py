@@ -302,6 +302,8 @@ class WandbSink(GuardSink):
     # ------------------------------------------------------------------ GuardSink
     def setup(self, guard, trainer) -> None:
         self.run = wandb_run(trainer)
+        if getattr(self.run, "disabled", False):  # WANDB_MODE=disabled (a NoopRun): nothing to draw pictures for
+            self.run = None
         # WandbLogger(prefix="train") puts "train-" before the keys it logs, the guard's scalars included: the
         # pictures, histograms and summary this sink writes itself get it too, so they sit beside them
         wandb_logger = next((lg for lg in getattr(trainer, "loggers", None) or []
