@@ -432,14 +432,14 @@ def test_a_wandb_logger_prefix_applies_to_pictures_and_summary_too(wandb_env):
 def test_a_disabled_wandb_run_costs_no_pictures(wandb_env, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
-    monkeypatch.setenv("WANDB_MODE", "disabled")  # CI jobs switch W&B off so
 
     def no_drawing(*args, **kwargs):
         raise AssertionError("a picture was drawn for a disabled run")
 
     monkeypatch.setattr(gg_wandb, "heatmap_figure", no_drawing)
     guard = GradGuard()
-    trainer(logger=WandbLogger(save_dir=str(wandb_env)), max_steps=10, callbacks=[guard]).fit(
+    # CI jobs switch W&B off so (WANDB_MODE=disabled; given here, as the process's wandb settings are set up)
+    trainer(logger=WandbLogger(save_dir=str(wandb_env), mode="disabled"), max_steps=10, callbacks=[guard]).fit(
         FaultyMLP({3: "nan_layer"}), digits_loader())
     (sink,) = guard._active_sinks
     assert isinstance(sink, WandbSink) and sink.run is None and sink.alerts_sent == 0
