@@ -220,7 +220,10 @@ class WandbSink(GuardSink):
     ``run.summary`` as ``<prefix><key>`` (``<prefix>events/<kind>``,
     ``<prefix>worst_layer``, ``<prefix>clipped_fraction``,
     ``<prefix>skipped_fraction``, ``<prefix>lr_scale``, ...), with
-    ``<prefix>alerts_sent`` and ``<prefix>alerts_suppressed``.
+    ``<prefix>alerts_sent`` and ``<prefix>alerts_suppressed`` (the alerts this
+    sink held back: its window and ``max_alerts``; an event the guard's own
+    ``alert_quiet_steps`` left without ``"alert"`` never reaches it, and counts
+    only in ``<prefix>events/<kind>``).
 
     Args:
         alert_window_s: an alert for the same (kind, layer, optimizer) is sent at
