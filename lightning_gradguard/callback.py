@@ -99,6 +99,7 @@ class _Watch:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
     present: Any = None  # the last step's "has gradients" by series (a shared list or array: read only)
     absent: list[int] | None = None  # steps in a row each series had no gradient (None: all had one)
+    cut_reported: set[int] = field(default_factory=set)  # series reported by the no_grad rule in this run of steps
     # after a resume: the layers (series) with gradients at the checkpoint's last step not seen since,
     # and the steps watched for them (see GradGuard._check_resumed)
     missing_since_resume: set[int] | None = None
@@ -1244,6 +1245,9 @@ class GradGuard(Callback):
         if watch.absent is not None:  # steps without a gradient go on counting, layer by layer
             watch.absent = [int(watch.absent[0])] + [int(watch.absent[1 + index[name]]) if name in index else 0
                                                      for name in watch.plan.layers]
+            new_of = {name: i + 1 for i, name in enumerate(watch.plan.layers)}
+            watch.cut_reported = {new_of[old.layers[i - 1]] for i in watch.cut_reported
+                                  if 0 < i <= len(old.layers) and old.layers[i - 1] in new_of}
         if not kept:
             watch.last_fired, watch.anchor, watch.anchor_until, watch.anchor_first = {}, None, None, None
         watch.limits = None  # sync="deferred": limits of the old layers
@@ -1446,24 +1450,28 @@ class GradGuard(Callback):
         """A layer of the optimizer that requires grad and got no gradient for ``vanish_patience`` steps in a
         row is cut off from the loss (unused in forward, behind ``.detach()`` or ``torch.no_grad()``): it never
         trains, and its norm, absent rather than 0, is no "dead" one. Once per such run of steps; frozen layers
-        (``requires_grad=False``) aside. The usual step (every layer had a gradient) costs one ``all()``."""
+        (``requires_grad=False``) aside, looked at again every ``vanish_patience`` steps (one unfrozen while
+        still cut off is found then). The usual step (every layer had a gradient) costs one ``all()``."""
         patience = self.config.vanish_patience
         if isinstance(present, np.ndarray):  # past 112 series: numpy, not Python loops over every layer
             if present.all():
-                watch.absent = None
+                watch.absent, watch.cut_reported = None, set()
                 return []
             before = np.asarray(watch.absent, dtype=np.int64) if watch.absent is not None and len(
                 watch.absent) == len(present) else np.zeros(len(present), dtype=np.int64)
             watch.absent = absent = np.where(present, 0, before + 1)
-            hit = (np.flatnonzero(absent[1:] == patience) + 1).tolist()  # numpy: no sync
+            hit = (np.flatnonzero((absent[1:] > 0) & (absent[1:] % patience == 0)) + 1).tolist()  # numpy: no sync
         else:
             if all(present):
-                watch.absent = None
+                watch.absent, watch.cut_reported = None, set()
                 return []
             before = watch.absent if watch.absent is not None and len(watch.absent) == len(present) \
                 else [0] * len(present)
             watch.absent = absent = [0 if here else n + 1 for here, n in zip(present, before)]
-            hit = [i for i in range(1, len(absent)) if absent[i] == patience]
+            hit = [i for i in range(1, len(absent)) if absent[i] and absent[i] % patience == 0]
+        if watch.cut_reported:  # a layer with a gradient again starts a new run of steps
+            watch.cut_reported = {i for i in watch.cut_reported if i < len(absent) and absent[i]}
+        hit = [i for i in hit if i not in watch.cut_reported]
         if not hit:
             return []
         wants = [False] * len(absent)
@@ -1472,13 +1480,15 @@ class GradGuard(Callback):
         hit = [i for i in hit if wants[i]]
         if not hit:
             return []
+        watch.cut_reported |= set(hit)
         names = ", ".join(_q(watch.series_name(i)) for i in hit[:5])
         several = len(hit) > 1
-        text = (f"{names}{f' and {len(hit) - 5} more' if len(hit) > 5 else ''} got no gradient for {patience} "
+        text = (f"{names}{f' and {len(hit) - 5} more' if len(hit) > 5 else ''} got no gradient for "
+                f"{int(absent[hit[0]])} "
                 f"steps in a row, although {'they require' if several else 'it requires'} grad and "
                 f"{'are' if several else 'is'} in the optimizer: cut off from the loss (unused in forward, behind "
                 ".detach() or torch.no_grad()?), not trained")
-        return [self._event(watch, step, "vanishing", "no_grad", hit, float(patience), float(patience), text)]
+        return [self._event(watch, step, "vanishing", "no_grad", hit, float(absent[hit[0]]), float(patience), text)]
 
     def _vanishing(self, watch: _Watch, host: np.ndarray, step: int, new: np.ndarray, flagged: np.ndarray) -> GradEvent:
         c = self.config
@@ -2062,6 +2072,7 @@ class GradGuard(Callback):
                 # numpy or a list, on the host: no sync
                 "present": None if w.present is None else [bool(v) for v in list(w.present)[1:]],
                 "absent": None if w.absent is None else [int(n) for n in w.absent],  # host ints: no sync
+                "cut_reported": sorted(w.cut_reported),
             }
         for index, pending in self._pending_state.items():
             watches.setdefault(index, pending)
@@ -2148,6 +2159,7 @@ class GradGuard(Callback):
         absent = state.get("absent")
         if absent and len(absent) == watch.plan.num_layers + 1:
             watch.absent = [int(n) for n in absent]
+            watch.cut_reported = {int(i) for i in state.get("cut_reported", [])}
         present = state.get("present")
         if present and len(present) == watch.plan.num_layers:
             watch.missing_since_resume = {i + 1 for i, had in enumerate(present) if had} or None

@@ -518,3 +518,25 @@ def test_a_cut_off_layer_among_more_than_112_is_found_with_numpy():
     trainer(max_steps=12, callbacks=[guard]).fit(Deep(), digits_loader())
     assert [(e.step, e.reason, e.layer) for e in guard.events] == [(9, "no_grad", "blocks.57")]
     assert isinstance(guard._watches[0].absent, np.ndarray) and guard.internal_errors == 0
+
+
+def test_a_layer_unfrozen_while_still_cut_off_is_found_at_the_next_multiple_of_the_patience():
+    from helpers import trainer
+    from lightning_gradguard import GradGuard
+
+    class Unfrozen(CutOff):  # the encoder frozen until step 60, then trainable but still detached
+        def __init__(self):
+            super().__init__("detach")
+            self.enc.requires_grad_(False)
+
+        def on_train_batch_start(self, batch, batch_idx):
+            if self.global_step == 60:
+                self.enc.requires_grad_(True)
+
+    guard = GradGuard()
+    trainer(max_steps=160, callbacks=[guard]).fit(Unfrozen(), digits_loader())
+    # frozen at step 49 (its streak reached 50): not reported; looked at again at 99: reported, once
+    assert [(e.step, e.reason, e.layer, e.value) for e in guard.events] == [(99, "no_grad", "enc", 100.0)]
+    guard = GradGuard()  # cut off all along: once, not again at every multiple of the patience
+    trainer(max_steps=160, callbacks=[guard]).fit(CutOff("detach"), digits_loader())
+    assert [(e.step, e.reason) for e in guard.events] == [(49, "no_grad")]
