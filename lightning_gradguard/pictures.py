@@ -716,6 +716,11 @@ class PicturesSink(GuardSink):
         self.recorder.published(optimizer)
 
 
+def is_wandb_logger(logger: Any) -> bool:
+    """A Lightning ``WandbLogger`` (either package's, a subclass too), recognised without importing wandb."""
+    return any(cls.__name__ == "WandbLogger" for cls in type(logger).__mro__)
+
+
 def log_summary_metrics(guard: Any, trainer: Any, summary: dict, step: int) -> dict[str, float]:
     """Log the numeric entries of ``summary`` as ``<prefix>summary/<key>`` through every non-W&B logger.
 
@@ -728,7 +733,7 @@ def log_summary_metrics(guard: Any, trainer: Any, summary: dict, step: int) -> d
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     }
     for logger in getattr(trainer, "loggers", []):
-        if any(cls.__name__ == "WandbLogger" for cls in type(logger).__mro__):  # a subclass too; no import
+        if is_wandb_logger(logger):
             continue  # the W&B sink writes the run summary
         logger.log_metrics(metrics, step=step)
         logger.save()

@@ -25,6 +25,7 @@ from lightning_gradguard.pictures import (
     figure_to_array,
     grad_histograms,
     heatmap_figure,
+    is_wandb_logger,
     norms_figure,
 )
 from lightning_gradguard.sinks import GuardSink
@@ -49,13 +50,15 @@ def wandb_run(trainer: Any) -> Any | None:
         return None
     try:
         import wandb
-        from lightning.pytorch.loggers import WandbLogger
     except ImportError:
         return None
-    for logger in getattr(trainer, "loggers", None) or []:
-        if isinstance(logger, WandbLogger):
-            return logger.experiment
-    return wandb.run
+    logger = _wandb_logger(trainer)
+    return logger.experiment if logger is not None else wandb.run
+
+
+def _wandb_logger(trainer: Any) -> Any | None:
+    """The Trainer's first ``WandbLogger`` (a subclass too), or ``None``."""
+    return next((lg for lg in getattr(trainer, "loggers", None) or [] if is_wandb_logger(lg)), None)
 
 
 # ---------------------------------------------------------------------- alert wording
@@ -309,8 +312,7 @@ class WandbSink(GuardSink):
             self.run = None
         # WandbLogger(prefix="train") puts "train-" before the keys it logs, the guard's scalars included: the
         # pictures, histograms and summary this sink writes itself get it too, so they sit beside them
-        wandb_logger = next((lg for lg in getattr(trainer, "loggers", None) or []
-                             if any(c.__name__ == "WandbLogger" for c in type(lg).__mro__)), None)
+        wandb_logger = _wandb_logger(trainer)
         prefix = getattr(wandb_logger, "_prefix", "") or ""
         self._prefix = f"{prefix}{getattr(wandb_logger, 'LOGGER_JOIN_CHAR', '-')}" if prefix else ""
         self.recorder.reset()
