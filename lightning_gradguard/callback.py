@@ -148,7 +148,8 @@ class GradGuard(Callback):
     Args:
         on_nonfinite: response(s) to NaN/Inf gradients: a name or a sequence of
             names from ``"log"``, ``"alert"``, ``"skip"``, ``"reduce_lr"``,
-            ``"rollback"``, ``"stop"``, ``"raise"``.
+            ``"rollback"``, ``"stop"``, ``"raise"`` (``"stop"`` only together
+            with ``"skip"`` or ``"rollback"``: the stop comes after the step).
         on_exploding: response(s) to a spike, sustained growth or a ceiling:
             any of the above or ``"clip"``.
         on_vanishing: response(s) to vanishing/dead layers: ``"log"``,

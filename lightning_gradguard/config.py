@@ -39,6 +39,13 @@ def check_responses(arg: str, kind: str, value: Any) -> tuple[str, ...]:
         if pair <= set(out):
             a, b = sorted(pair)
             raise ValueError(f"`{arg}` got both {a!r} and {b!r}: {why}.")
+    if kind == "nonfinite" and "stop" in out and not {"skip", "rollback"} & set(out):
+        # the stop takes effect after the step: without a skip, the step's NaN/Inf update is applied first
+        fixed = ("skip", *out)
+        raise ValueError(
+            f"`{arg}` got {value!r}: 'stop' ends the run after the step, so that step's NaN/Inf gradients still "
+            f"reach the weights (and the last checkpoint). Add 'skip' to drop the step first: {arg}={fixed!r}."
+        )
     return tuple(out)
 
 

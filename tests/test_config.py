@@ -13,6 +13,10 @@ BAD = [
     (dict(on_exploding="clipp"), r"`on_exploding` got 'clipp', which is not a response\. Choose from 'log', 'alert', 'clip'"),
     (dict(on_exploding=("clip", "skip")), r"`on_exploding` got both 'clip' and 'skip': a skipped step has no gradients"),
     (dict(on_nonfinite=("stop", "raise")), r"`on_nonfinite` got both 'raise' and 'stop'"),
+    (dict(on_nonfinite=("stop", "alert")),
+     r"`on_nonfinite` got \('stop', 'alert'\): 'stop' ends the run after the step, so that step's NaN/Inf gradients "
+     r"still reach the weights.*on_nonfinite=\('skip', 'stop', 'alert'\)"),
+    (dict(on_nonfinite="stop"), r"`on_nonfinite` got 'stop': .*on_nonfinite=\('skip', 'stop'\)"),
     (dict(on_exploding=()), r"`on_exploding` must be a response name or a non-empty sequence of names, got \(\)"),
     (dict(on_exploding=3), r"`on_exploding` must be a response name or a non-empty sequence"),
     (dict(log_every_n_steps=0), r"`log_every_n_steps` must be at least 1, got 0"),
