@@ -690,6 +690,10 @@ class GradGuard(Callback):
             loss = loss.reshape(())
         if loss.dtype != torch.float32 or not pl_module.automatic_optimization:
             loss = loss.to(torch.float32, copy=True)
+        if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+            # Lightning hands over the loss divided by the accumulation count (what backward saw): the trend
+            # needs the loss itself, or a GradientAccumulationScheduler's change of the count is a jump of it
+            loss = loss * trainer.accumulate_grad_batches  # one tiny op per batch, under accumulation only
         self._pending_losses.append(loss)
         if len(self._pending_losses) > 1024:  # batches without any optimizer step (a loop that never steps)
             del self._pending_losses[:512]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import trainer
+from helpers import digits, trainer
 from lightning_gradguard import GradGuard
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -264,3 +264,42 @@ def test_the_samples_of_a_batch_are_found_cheaply_and_not_judged_across_ranks():
     assert guard._step_slack() == pytest.approx(0.5 * np.log10(32 / 5))
     guard._samples_read, guard._world_size = False, 2  # several ranks: their batches are not this one's
     assert guard._step_slack() == 0.0
+
+
+class ReturnedLosses(pl.LightningModule):
+    """MLP on load_digits, batches of 8, SGD 5e-2 with momentum; keeps the losses its ``training_step`` returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=5e-2, momentum=0.9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_change_of_the_accumulation_count_is_no_jump_of_the_loss(seed):
+    """Lightning hands callbacks the loss divided by ``accumulate_grad_batches``. Read as it was, a
+    ``GradientAccumulationScheduler`` going from 32 to 1 looked like the loss rising 5x while it fell 3x: the
+    gate of sustained growth opened, a false "growth" event followed and its anchor clipped ~75% of the rest of
+    the run, on every seed (and, going from 1 to 16, the loss looked converged 16x too early, which turns the
+    vanishing detection off). The trend now sees the loss ``training_step`` returned."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    x, y = digits()  # pixels / 16, not standardised
+    pl.seed_everything(seed, verbose=False)
+    model, guard = ReturnedLosses(), GradGuard()
+    trainer(max_epochs=3, max_steps=-1, callbacks=[GradientAccumulationScheduler({0: 32, 2: 1}), guard]).fit(
+        model, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert guard.summary()["steps"] == 241  # 2 epochs of 7 steps, then 225 of one batch each
+    assert [(e.step, e.reason, e.layer) for e in guard.events] == []
+    assert guard.summary()["clipped_fraction"] == 0.0
+    warmup = guard.config.warmup_steps
+    assert guard._loss.first == pytest.approx(np.mean(model.losses[:warmup]), rel=1e-5)  # not 1/32 of it
