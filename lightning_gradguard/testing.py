@@ -231,8 +231,8 @@ def check_gradients(
     The guard is ``GradGuard(**STRICT, **guard_overrides)``: every condition
     (``nonfinite``, ``exploding``, ``vanishing``) raises, and
     ``vanish_patience=15`` instead of 50, so that a layer vanishing from the
-    start is caught in a few dozen steps (at step 14). Keep ``max_steps``
-    above ``vanish_patience`` or vanishing cannot be caught at all, and above
+    start is caught in a few dozen steps (at step 14). ``max_steps`` below
+    ``vanish_patience`` is refused (vanishing could not be caught at all); keep it above
     ``vanish_patience + warmup_steps`` (25) to also catch a layer whose
     gradients collapse after the warm-up. Pass any other :class:`GradGuard`
     argument to change it, e.g. ``on_vanishing="log"`` to report vanishing
@@ -260,8 +260,10 @@ def check_gradients(
             is ``GradReport.format()``: what, where, when, the numbers, the
             usual causes, the per-layer norms. ``err.events`` holds the events,
             ``err.report`` the :class:`GradReport`.
-        ValueError: ``max_steps`` below 1, an invalid :class:`GradGuard` argument,
-            or a ``GradGuard`` in ``trainer_kwargs["callbacks"]`` (before training).
+        ValueError: ``max_steps`` below 1 or below ``vanish_patience``, an invalid
+            :class:`GradGuard` argument, ``seed`` or ``trainer_kwargs``,
+            ``max_steps`` in ``trainer_kwargs``, or a ``GradGuard`` in
+            ``trainer_kwargs["callbacks"]`` (before training).
         RuntimeError: the run could not be checked: no optimizer step, steps the
             guard itself failed on (internal errors), or a ``GradGuard`` from the
             module's ``configure_callbacks()`` that Lightning put in place of the
@@ -270,11 +272,29 @@ def check_gradients(
     __tracebackhide__ = True  # pytest: show the report, not this frame
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"`max_steps` must be an integer >= 1, got {max_steps!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"`seed` must be an integer, or None to leave the seeds alone, got {seed!r}.")
+    if trainer_kwargs is not None and not isinstance(trainer_kwargs, Mapping):
+        raise ValueError(f"`trainer_kwargs` must be a dict of Trainer arguments, got {trainer_kwargs!r}, e.g. "
+                         "trainer_kwargs={'precision': 'bf16-mixed'}.")
+    if trainer_kwargs and "max_steps" in trainer_kwargs:
+        raise ValueError(f"`trainer_kwargs` got max_steps={trainer_kwargs['max_steps']!r}: pass it as "
+                         "check_gradients(..., max_steps=N), which the checks and the report use.")
     settings = {**STRICT, **guard_overrides}
     collector = _Collector()
-    settings["sinks"] = [*(settings.get("sinks") or ()), collector]
+    sinks = settings.get("sinks")
+    # anything but a list is left to GradGuard, whose message names it
+    settings["sinks"] = [*sinks, collector] if isinstance(sinks, (list, tuple)) else sinks or [collector]
     pl, guard_cls = _namespace(model)
     guard = guard_cls(**settings)
+    patience = guard.config.vanish_patience
+    if max_steps < patience:
+        raise ValueError(
+            f"`max_steps`={max_steps} is below `vanish_patience`={patience}: no layer could be found vanishing in "
+            f"this run, and it would pass unchecked. Raise max_steps to at least {patience} ("
+            f"{patience + guard.config.warmup_steps} also catches a collapse after the warm-up), or pass "
+            f"vanish_patience={max_steps}."
+        )
 
     kwargs: dict[str, Any] = dict(
         accelerator=accelerator, devices=devices, max_steps=max_steps, logger=False, enable_checkpointing=False,

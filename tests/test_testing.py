@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import DigitsMLP, FaultyMLP, digits_loader
-from lightning_gradguard import GradientHealthError
+from lightning_gradguard import GradientHealthError, GuardSink
 from lightning_gradguard.testing import HINTS, STRICT, GradReport, check_gradients, hint
 
 
@@ -75,7 +75,7 @@ def test_vanishing_stack_fails_with_what_where_when_numbers_and_causes():
 
 def test_nonfinite_and_exploding_fail_with_their_own_hints():
     with pytest.raises(GradientHealthError) as info:
-        check_gradients(FaultyMLP({3: "nan_layer"}), digits_loader(), max_steps=10)
+        check_gradients(FaultyMLP({3: "nan_layer"}), digits_loader(), max_steps=15)
     message = str(info.value)
     assert "nonfinite (nan) at step 3, layer `net.2`: value nan, threshold inf" in message
     assert "log(0)" in message and "(1 non-finite step)" in message
@@ -111,10 +111,10 @@ def test_trainer_kwargs_and_extra_sinks_are_passed_on():
             seen.append(trainer.accumulate_grad_batches)
 
     report = check_gradients(
-        DigitsMLP(), digits_loader(), max_steps=5, sinks=[Count()],
+        DigitsMLP(), digits_loader(), max_steps=15, sinks=[Count()],
         trainer_kwargs={"accumulate_grad_batches": 2, "callbacks": [Spy()]},
     )
-    assert report.steps == 5 and Count.steps == 5 and seen == [2]
+    assert report.steps == 15 and Count.steps == 15 and seen == [2]
 
 
 def test_bad_arguments_are_refused():
@@ -124,6 +124,19 @@ def test_bad_arguments_are_refused():
         check_gradients(DigitsMLP(), digits_loader(), vanish_patience=0)
     with pytest.raises(TypeError, match="`model` must be a LightningModule"):
         check_gradients(nn.Linear(2, 2), digits_loader())
+    with pytest.raises(ValueError, match=r"`max_steps`=10 is below `vanish_patience`=15: no layer could be found "
+                                         r"vanishing.*Raise max_steps to at least 15 \(25 also catches.*vanish_patience=10"):
+        check_gradients(DigitsMLP(), digits_loader(), max_steps=10)  # the check would pass a vanishing stack
+    check_gradients(DigitsMLP(), digits_loader(), max_steps=10, vanish_patience=10)  # said so: checked
+    with pytest.raises(ValueError, match=r"`trainer_kwargs` got max_steps=5: pass it as check_gradients"):
+        check_gradients(DigitsMLP(), digits_loader(), trainer_kwargs={"max_steps": 5})
+    with pytest.raises(ValueError, match=r"`trainer_kwargs` must be a dict of Trainer arguments, got 'precision=16'"):
+        check_gradients(DigitsMLP(), digits_loader(), trainer_kwargs="precision=16")
+    for seed in ("0", 1.5, True):
+        with pytest.raises(ValueError, match=rf"`seed` must be an integer, or None to leave the seeds alone, got {seed!r}"):
+            check_gradients(DigitsMLP(), digits_loader(), seed=seed)
+    with pytest.raises(ValueError, match=r"`sinks` must be a list of GuardSink instances, got .*Wrap a single one"):
+        check_gradients(DigitsMLP(), digits_loader(), sinks=GuardSink())
 
 
 class ComplexParam(FaultyMLP):
@@ -131,11 +144,12 @@ class ComplexParam(FaultyMLP):
 
     def __init__(self, bad: int | None = None) -> None:
         super().__init__({})
-        self.w = nn.Parameter(torch.zeros(4, dtype=torch.complex64))
+        self.w = nn.Parameter(torch.ones(4, dtype=torch.complex64))
         self.bad = bad
 
     def forward(self, x):
-        return self.net(x) + (self.w * self.w.conj()).real.sum()
+        # a scale of the logits (a constant added to all of them would leave cross-entropy, and w's gradient, at 0)
+        return self.net(x) * (self.w * self.w.conj()).real.mean()
 
     def on_after_backward(self):
         if self.global_step == self.bad:
@@ -145,11 +159,11 @@ class ComplexParam(FaultyMLP):
 def test_a_complex_parameter_is_guarded_and_its_nan_fails_the_check():
     """Complex gradients failed the guard's norm kernel: every step an internal error, and the check
     passed a run whose complex weights had become NaN."""
-    report = check_gradients(ComplexParam(), digits_loader(), max_steps=8)
-    assert report.healthy and report.steps == 8 and "(root)" in report.layers
+    report = check_gradients(ComplexParam(), digits_loader(), max_steps=15)
+    assert report.healthy and report.steps == 15 and "(root)" in report.layers
     model = ComplexParam(bad=5)
     with pytest.raises(GradientHealthError, match=r"step 5: non-finite gradients \(Inf\) in 1 layer: `\(root\)`"):
-        check_gradients(model, digits_loader(), max_steps=8)
+        check_gradients(model, digits_loader(), max_steps=15)
 
 
 def test_a_run_the_guard_could_not_check_fails(monkeypatch):
@@ -160,9 +174,9 @@ def test_a_run_the_guard_could_not_check_fails(monkeypatch):
         raise ZeroDivisionError("planted")
 
     monkeypatch.setattr(GradGuard, "_analyse", broken)
-    failed = r"the guard failed on 6 step\(s\) of DigitsMLP .*ZeroDivisionError: planted"
+    failed = r"the guard failed on 15 step\(s\) of DigitsMLP .*ZeroDivisionError: planted"
     with pytest.raises(RuntimeError, match=failed):
-        check_gradients(DigitsMLP(), digits_loader(), max_steps=6)
+        check_gradients(DigitsMLP(), digits_loader(), max_steps=15)
 
 
 def test_a_guard_from_configure_callbacks_replacing_the_strict_one_fails_with_the_reason():
@@ -174,7 +188,7 @@ def test_a_guard_from_configure_callbacks_replacing_the_strict_one_fails_with_th
 
     replaced = r"OwnGuard.configure_callbacks\(\) returns a GradGuard, and Lightning replaced"
     with pytest.raises(RuntimeError, match=replaced):
-        check_gradients(OwnGuard({3: "inf"}), digits_loader(), max_steps=6)
+        check_gradients(OwnGuard({3: "inf"}), digits_loader(), max_steps=15)
 
 
 def test_a_fit_ended_before_max_steps_warns():
@@ -186,7 +200,7 @@ def test_a_fit_ended_before_max_steps_warns():
 def test_no_step_taken_is_an_error_not_a_pass():
     empty = DataLoader(TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), batch_size=4)
     with pytest.raises(RuntimeError, match="took no optimizer step"):
-        check_gradients(DigitsMLP(), empty, max_steps=5)
+        check_gradients(DigitsMLP(), empty, max_steps=15)
 
     class NeverSteps(DigitsMLP):  # manual optimization that forgets opt.step(): global_step never moves
         def __init__(self):
@@ -197,7 +211,7 @@ def test_no_step_taken_is_an_error_not_a_pass():
             self.manual_backward(super().training_step(batch, batch_idx))
 
     with pytest.raises(RuntimeError, match="took no optimizer step"):  # stops after 10 x max_steps batches
-        check_gradients(NeverSteps(), digits_loader(), max_steps=2)
+        check_gradients(NeverSteps(), digits_loader(), max_steps=15)
 
 
 def test_every_reason_has_a_hint():
@@ -234,7 +248,7 @@ def test_the_strict_guard_sees_the_gradients_before_the_users_callbacks():
                     p.grad.nan_to_num_(0.0, 0.0, 0.0)
 
     with pytest.raises(GradientHealthError, match=r"nonfinite \(nan\) at step 3"):
-        check_gradients(NaNLossAt(3), digits_loader(), max_steps=6, trainer_kwargs={"callbacks": [Sanitise()]})
+        check_gradients(NaNLossAt(3), digits_loader(), max_steps=15, trainer_kwargs={"callbacks": [Sanitise()]})
 
 
 @pytest.mark.parametrize("callbacks", ["list", "single", "prefixed"])
@@ -252,7 +266,7 @@ def test_a_gradguard_of_the_users_in_trainer_kwargs_is_refused(callbacks):
     given = {"list": [Spy(), GradGuard()], "single": GradGuard(), "prefixed": (GradGuard(prefix="prod/"),)}[callbacks]
     with pytest.raises(ValueError, match=r"trainer_kwargs\['callbacks'\] holds 1 GradGuard, but check_gradients runs "
                                          r"its own strict GradGuard .* pass the settings you want checked as keyword"):
-        check_gradients(NaNLossAt(3), digits_loader(), max_steps=6, trainer_kwargs={"callbacks": given})
+        check_gradients(NaNLossAt(3), digits_loader(), max_steps=15, trainer_kwargs={"callbacks": given})
     assert not Spy.started  # refused before any training
 
 
@@ -287,7 +301,7 @@ def test_with_several_optimizers_the_flagged_layer_is_marked_and_kept_in_the_tab
     """The table's keys are `opt<i>/<layer>` with several optimizers, but the flagged set held bare names:
     no row was marked, and a cut table left the flagged layer out."""
     with pytest.raises(GradientHealthError) as info:
-        check_gradients(TwoOptimizers(bad=3), digits_loader(), max_steps=12)
+        check_gradients(TwoOptimizers(bad=3), digits_loader(), max_steps=15)
     err = info.value
     event = err.events[0]
     assert (event.kind, event.reason, event.layer, event.optimizer) == ("nonfinite", "inf", "dec.2", 1)
