@@ -1941,7 +1941,7 @@ class GradGuard(Callback):
             metrics[k("clip_coef")] = clip_coef
             metrics[k("norm_clipped")] = norm[0] * clip_coef if norm_clipped is None else norm_clipped
             metrics[k("clipped_steps")] = float(watch.counts["clipped"])
-        if "skip" in self.on_nonfinite + self.on_exploding:
+        if {"skip", "rollback"} & {*self.on_nonfinite, *self.on_exploding}:  # rollback skips a lone bad step
             metrics[k("skipped_steps")] = float(watch.counts["skipped"])
         if watch.lr_scale is not None:
             if flight is None:  # now, inside the step

@@ -303,3 +303,14 @@ def test_norm_total_is_monitorable_by_early_stopping_and_model_checkpoint(tmp_pa
     assert seen == pytest.approx([rec.total[step] for step in range(32)], rel=1e-5)
     assert float(ckpt.best_model_score) == pytest.approx(min(seen[2::3]), rel=1e-5)
     assert float(stop.best_score) == pytest.approx(min(seen[15], seen[31]), rel=1e-5)
+
+
+def test_skipped_steps_are_logged_under_rollback(tmp_path):
+    """"rollback" skips a lone bad step, but ``grad/skipped_steps`` was only logged with "skip"."""
+    guard = GradGuard(on_nonfinite=("rollback", "alert"), log_every_n_steps=1)
+    t = trainer(max_steps=8, logger=CSVLogger(tmp_path), callbacks=[guard])
+    t.fit(FaultyMLP({4: "inf"}), digits_loader())
+    (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
+    rows = {int(r["step"]): r for r in csv.DictReader(open(path)) if r.get("grad/norm_total")}
+    assert [e.actions for e in guard.events] == [("skip", "alert")]
+    assert [float(rows[s]["grad/skipped_steps"]) for s in (3, 4, 7)] == [0, 1, 1]
