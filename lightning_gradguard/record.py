@@ -212,9 +212,13 @@ class RecordSink(GuardSink):
         if self.path != wanted:
             log.warning("GradGuard: %s is being written by another RecordSink in this process (another GradGuard's "
                         "record); this one writes %s", wanted, self.path)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        # line-buffered: a crash leaves every complete line on disk
-        self._file = open(self.path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in on_fit_end
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            # line-buffered: a crash leaves every complete line on disk
+            self._file = open(self.path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in on_fit_end
+        except OSError as err:  # the guard reports it (once) and trains on without a record: name the path
+            raise OSError(f"cannot write the run record {self.path!r} (GradGuard(record=...) or RecordSink(path=...)):"
+                          f" {err.strerror or err}") from err
         _OPEN[_key(self.path)] = weakref.ref(self)
         self._layers, self._pending, self._norms = {}, None, NormSummary()
         self._header = self._make_header(guard, trainer)

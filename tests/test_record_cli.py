@@ -128,6 +128,8 @@ def test_a_failing_record_never_breaks_training(tmp_path, caplog):
         trainer(max_steps=5, callbacks=[guard]).fit(DigitsMLP(), digits_loader())
     assert guard._watches[0].counts["steps"] == 5
     assert "RecordSink.setup failed" in caplog.text and "training goes on" in caplog.text
+    # which file, and how it was asked for (a bare FileNotFoundError named neither)
+    assert f"cannot write the run record '{blocker / 'sub' / 'run.jsonl'}' (GradGuard(record=...) or " in caplog.text
 
 
 def test_two_optimizers_each_get_their_layers(tmp_path):
