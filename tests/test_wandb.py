@@ -6,6 +6,7 @@ and flush the run they read back (see ``wandb_records.py``).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -295,6 +296,20 @@ def test_pictures_and_histograms_per_optimizer_in_a_real_trainer(fake):
     ]
     assert all(isinstance(v, wandb.Image) for k, v in fake.logged[0].items() if k.endswith(("flow", "norms")))
     assert fake.summary["grad/steps"] == 8
+
+
+def test_histogram_patterns_that_match_no_layer_warn_once(fake, caplog):
+    """``histogram_layers=["encoder.*"]`` (the README's example) on a model without an encoder drew nothing,
+    silently. Checked once every optimizer has stepped: "net.4" is only the second optimizer's."""
+    from test_pictures import TwoOptimizers
+
+    sink = WandbSink(pictures=False, histogram_layers=["net.4", "encoder.*", "net.9"], histogram_every_n_steps=4)
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        trainer(max_steps=8, callbacks=[GradGuard(sinks=[sink])]).fit(TwoOptimizers(), digits_loader())
+    warned = [r.getMessage() for r in caplog.records if "histogram_layers" in r.getMessage()]
+    assert warned == ["GradGuard: WandbSink(histogram_layers=...): 'encoder.*', 'net.9' match no layer, so no "
+                      "histogram is drawn for them. The layers are: net.0, net.2, net.4"]
+    assert [sorted(k for k in row if k != "trainer/global_step") for row in fake.logged] == [["grad/opt1/hist/net.4"]]
 
 
 @pytest.mark.parametrize(

@@ -242,7 +242,8 @@ class WandbSink(GuardSink):
         max_columns: steps kept per heatmap; longer runs fold neighbouring steps
             together (see :class:`~lightning_gradguard.pictures.FlowHistory`).
         histogram_layers: layer names (``fnmatch`` patterns such as ``"encoder.*"``
-            allowed) whose gradient histograms are logged; ``None``: none.
+            allowed) whose gradient histograms are logged; ``None``: none. A pattern
+            that matches no layer of any optimizer warns once (at the first step).
         histogram_every_n_steps: histogram cadence in optimizer steps.
         histogram_bins: bins per histogram (1..512).
     """
@@ -302,6 +303,7 @@ class WandbSink(GuardSink):
         self._last_alert: dict[tuple, float] = {}  # (kind, layer, optimizer) -> time of the last alert sent
         self._held_back: dict[tuple, int] = {}  # ... -> alerts suppressed since then
         self._hist_due: dict[int, bool] = {}
+        self._hist_checked = False  # histogram_layers' patterns matched against the layers (see _check_patterns)
         self._steps: dict[int, int] = {}
         self._clock = time.monotonic  # tests replace it
 
@@ -321,6 +323,7 @@ class WandbSink(GuardSink):
         self._last_alert.clear()
         self._held_back.clear()
         self._hist_due.clear()
+        self._hist_checked = False
         self._steps.clear()
         if self.run is None:
             log.warning("GradGuard: WandbSink found no W&B run (no WandbLogger, no active wandb.run, or wandb "
@@ -340,6 +343,8 @@ class WandbSink(GuardSink):
         if self.pictures and self.recorder.add(optimizer, step, log_step, layers, norms):
             self._log_pictures(guard, optimizer, log_step)
         if self.histogram_layers:
+            if not self._hist_checked and len(self._steps) >= len(trainer.optimizers):
+                self._check_patterns(guard)
             if n % self.histogram_every_n_steps == 0:
                 self._hist_due[optimizer] = True
             if self._hist_due.get(optimizer):
@@ -414,6 +419,18 @@ class WandbSink(GuardSink):
             self._key(guard, optimizer, "norms"): wandb.Image(bars, caption=f"gradient norms at step {latest}"),
             "trainer/global_step": log_step,
         })
+
+    def _check_patterns(self, guard) -> None:
+        """Once every optimizer has stepped: a ``histogram_layers`` pattern that matches no layer of any of
+        them (a typo, another model's names) would draw nothing, without a word."""
+        self._hist_checked = True
+        layers = [name for watch in getattr(guard, "_watches", {}).values() for name in watch.plan.layers]
+        unmatched = [p for p in self.histogram_layers if not any(fnmatch.fnmatchcase(n, p) for n in layers)]
+        if unmatched:
+            shown = ", ".join(layers[:8]) + (f", ... ({len(layers)} in all)" if len(layers) > 8 else "")
+            log.warning("GradGuard: WandbSink(histogram_layers=...): %s match%s no layer, so no histogram is drawn "
+                        "for %s. The layers are: %s", ", ".join(repr(p) for p in unmatched),
+                        "es" if len(unmatched) == 1 else "", "it" if len(unmatched) == 1 else "them", shown)
 
     def _log_histograms(self, guard, optimizer: int, log_step: int) -> None:
         watch = getattr(guard, "_watches", {}).get(optimizer)
