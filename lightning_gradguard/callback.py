@@ -435,7 +435,7 @@ class GradGuard(Callback):
                                  "pass one of them (a RecordSink in `sinks` takes the options).")
             sinks.append(RecordSink(None if record is True else record))
         self.sinks: list[GuardSink] = sinks
-        if wandb not in (None, True, False):
+        if wandb is not None and not isinstance(wandb, bool):  # not `in (None, True, False)`: 1 == True
             raise ValueError(f"`wandb` must be None (automatic), True or False, got {wandb!r}.")
         self.wandb = wandb
         defaults = {name: p.default for name, p in inspect.signature(GradGuard.__init__).parameters.items()}

@@ -186,7 +186,7 @@ class RecordSink(GuardSink):
     """
 
     def __init__(self, path: str | os.PathLike | None = None, every_n_steps: int = 1, digits: int = 4) -> None:
-        if path is not None and not isinstance(path, (str, os.PathLike)):
+        if path is not None and (not isinstance(path, (str, os.PathLike)) or os.fspath(path) == ""):
             raise ValueError(
                 f"`path` must be a file or folder path, or None for the Trainer's log folder, got {path!r}."
             )

@@ -109,6 +109,8 @@ def test_record_argument():
         GradGuard(record=True, sinks=[RecordSink(digits=2)])
     with pytest.raises(ValueError, match=r"`wandb` must be None \(automatic\), True or False, got 'yes'"):
         GradGuard(wandb="yes")
+    with pytest.raises(ValueError, match=r"`wandb` must be None \(automatic\), True or False, got 1"):
+        GradGuard(wandb=1)  # 1 == True: it passed the old check
 
 
 def test_a_setting_nothing_reads_is_reported(recwarn):

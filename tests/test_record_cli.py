@@ -320,6 +320,9 @@ def test_sink_arguments_are_validated():
         RecordSink(digits=0)
     with pytest.raises(ValueError, match="`path` must be a file or folder path"):
         RecordSink(path=3)
+    with pytest.raises(ValueError, match="`path` must be a file or folder path, or None for the Trainer's log folder, "
+                                         "got ''"):
+        RecordSink(path="")  # as GradGuard(record="") is refused
 
 
 # ---------------------------------------------------------------------- the command

@@ -332,6 +332,15 @@ def test_arguments_are_validated(kwargs, match):
         WandbSink(**kwargs)
 
 
+def test_numpy_integers_are_integers():
+    import numpy as np
+
+    # numpy integers (from a config computed with numpy) are integers, as GradGuard takes them
+    sink = WandbSink(max_alerts=np.int64(5), histogram_bins=np.int32(8), histogram_every_n_steps=np.int64(3))
+    assert (sink.max_alerts, sink.histogram_bins, sink.histogram_every_n_steps) == (5, 8, 3)
+    assert type(sink.max_alerts) is int
+
+
 def test_sync_deferred_logs_each_step_at_its_own_step_and_alerts(wandb_env):
     """sync='deferred' reads (and logs) each step one step late: W&B still gets every row at its own
     trainer/global_step, the same rows and alerts as one sync per step."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import numbers
 import time
 import zlib
 from collections.abc import Sequence
@@ -262,9 +263,9 @@ class WandbSink(GuardSink):
         histogram_every_n_steps: int = 1000,
         histogram_bins: int = 64,
     ) -> None:
-        if isinstance(alert_window_s, bool) or not isinstance(alert_window_s, (int, float)) or not alert_window_s >= 0:
+        if isinstance(alert_window_s, bool) or not isinstance(alert_window_s, numbers.Real) or not alert_window_s >= 0:
             raise ValueError(f"`alert_window_s` must be a number of seconds >= 0, got {alert_window_s!r}.")
-        if isinstance(max_alerts, bool) or not isinstance(max_alerts, int) or max_alerts < 0:
+        if isinstance(max_alerts, bool) or not isinstance(max_alerts, numbers.Integral) or max_alerts < 0:
             raise ValueError(f"`max_alerts` must be an integer >= 0, got {max_alerts!r}.")
         if isinstance(histogram_layers, str):
             raise ValueError(
@@ -279,22 +280,22 @@ class WandbSink(GuardSink):
                              f"got {histogram_layers!r}.")
         if not isinstance(pictures, bool):
             raise ValueError(f"`pictures` must be True or False, got {pictures!r}.")
-        if isinstance(histogram_every_n_steps, bool) or not isinstance(histogram_every_n_steps, int) \
+        if isinstance(histogram_every_n_steps, bool) or not isinstance(histogram_every_n_steps, numbers.Integral) \
                 or histogram_every_n_steps < 1:
             raise ValueError(f"`histogram_every_n_steps` must be an integer >= 1, got {histogram_every_n_steps!r}.")
-        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) \
+        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, numbers.Integral) \
                 or not 1 <= histogram_bins <= MAX_HISTOGRAM_BINS:
             raise ValueError(
                 f"`histogram_bins` must be an integer in 1..{MAX_HISTOGRAM_BINS} (wandb.Histogram's limit), "
                 f"got {histogram_bins!r}."
             )
         self.alert_window_s = float(alert_window_s)
-        self.max_alerts = max_alerts
+        self.max_alerts = int(max_alerts)
         self.pictures = bool(pictures)
         self.recorder = FlowRecorder(pictures_every_n_steps, max_columns, name="pictures_every_n_steps")
         self.histogram_layers = tuple(histogram_layers or ())
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self.histogram_bins = histogram_bins
+        self.histogram_every_n_steps = int(histogram_every_n_steps)
+        self.histogram_bins = int(histogram_bins)
         self.run: Any = None
         self.alerts_sent = 0
         self.alerts_suppressed = 0
