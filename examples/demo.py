@@ -112,16 +112,22 @@ def main() -> None:
     finite, acc, _ = train(None, args.steps, out, fused=fused)
     print(f"  faults, no guard        : weights finite={finite}, train accuracy {acc:.1%}")
     guard = GradGuard(sync=args.sync)
+    print("  faults, with the guard; its live alerts (Python logging warnings; W&B alerts where a run is attached):")
     finite, acc, trainer = train(guard, args.steps, out, fused=fused)
     label = "GradGuard()" if args.sync == "step" else 'GradGuard(sync="deferred")'
     print(f"  faults, {label:16s}: weights finite={finite}, train accuracy {acc:.1%}\n")
 
-    print(f"What the guard saw and did ({len(guard.events)} events):")
-    for e in guard.events:
-        print(f"  [{e.kind:9s}] {e.message}")
-
     (path,) = glob.glob(f"{trainer.logger.log_dir}/metrics.csv")
     rows = [r for r in csv.DictReader(open(path)) if r.get("grad/norm_total")]
+    at = {int(r["step"]): r for r in rows}  # the guard logs every step with an event
+    print(f"What the guard saw and did ({len(guard.events)} events, in guard.events):")
+    for e in guard.events:
+        print(f"  [{e.kind:9s}] {e.message}")
+        if "clip" in e.actions and e.step in at:
+            print(f"              clipped: global norm {float(at[e.step]['grad/norm_total']):.3g} -> "
+                  f"{float(at[e.step]['grad/norm_clipped']):.3g} (grad/norm_clipped); the update went ahead")
+        if "skip" in e.actions:
+            print("              skipped: gradients dropped, weights and optimizer state untouched")
     norms = [float(r["grad/norm_total"]) for r in rows if math.isfinite(float(r["grad/norm_total"]))]
     layers = sorted({k.split("/", 2)[2] for r in rows for k, v in r.items() if k.startswith("grad/norm/") and v})
     print(f"\nLogged statistics ({len(rows)} logged steps, {path}):")

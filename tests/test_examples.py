@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -38,9 +39,12 @@ def test_demo_the_main_job(tmp_path, sync):
     assert "faults, no guard        : weights finite=False" in out  # the Inf batch poisons the weights
     label = "GradGuard()" if sync == "step" else 'GradGuard(sync="deferred")'
     assert f"faults, {label:16s}: weights finite=True" in out
-    assert "What the guard saw and did (2 events):" in out
+    assert "What the guard saw and did (2 events, in guard.events):" in out
     assert "[exploding] step 80: grad norm of `net.2`" in out and "-> clip, alert" in out
+    clipped = re.search(r"clipped: global norm (\S+) -> (\S+) \(grad/norm_clipped\)", out)
+    assert clipped and float(clipped[2]) < float(clipped[1]) / 10  # what the clip did, from the logged metrics
     assert "[nonfinite] step 160: non-finite gradients (NaN) in 3 layers" in out and "-> skip, alert" in out
+    assert "skipped: gradients dropped, weights and optimizer state untouched" in out
     assert "steps clipped: 1, steps skipped: 1" in out
 
 
