@@ -447,6 +447,7 @@ class GradGuard(Callback):
         for message in unused_settings(settings, defaults, responses, self.log_layers):
             warnings.warn(f"GradGuard: {message}", UserWarning, stacklevel=2)
         self._active_sinks: list[GuardSink] = []
+        self._sinks_open = False  # set up for a fit, on_fit_end not called yet
         self._new_run()
         self._shared: dict[int, SharedWrite | None] = {}  # id(logger) -> its stand-in (see writes.py)
         self._callback_metrics: dict | None = None  # the Trainer's live dict, see on_train_start
@@ -532,6 +533,7 @@ class GradGuard(Callback):
                 )
         self._active_sinks = active if trainer.is_global_zero else []
         self._sink_call("setup", trainer)
+        self._sinks_open = True  # until their on_fit_end (see _end_sinks)
         self._shared = {id(logger): SharedWrite.attach(logger, self) for logger in trainer.loggers}
 
     @override
@@ -576,6 +578,8 @@ class GradGuard(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # a fit whose training loop never ran (limit_train_batches=0, max_steps=0): no
+            self._end_sinks(trainer)  # on_train_end, but the record still gets its header and summary
         self._release_value_clipping(trainer)
         self._release_verdicts()
         self._release_lr_scales()
@@ -609,7 +613,13 @@ class GradGuard(Callback):
         self._land_all(trainer, pl_module)  # sync="deferred": the last step's statistics (a late "raise" raises here)
         # on_train_end, not on_fit_end: Lightning finalizes the loggers in between
         self._write_metrics(trainer)
-        self._sink_call("on_fit_end", trainer, self.summary())
+        self._end_sinks(trainer)
+
+    def _end_sinks(self, trainer: Trainer) -> None:
+        """The sinks' ``on_fit_end``, once per fit."""
+        if self._sinks_open:
+            self._sinks_open = False
+            self._sink_call("on_fit_end", trainer, self.summary())
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -623,7 +633,7 @@ class GradGuard(Callback):
         self._release_lr_scales()  # Lightning's teardown hook does not run after an exception
         self._late_error = None
         self._detach_loggers(trainer)
-        self._sink_call("on_fit_end", trainer, self.summary())
+        self._end_sinks(trainer)
         self._active_sinks = []
 
     def _sink_call(self, method: str, trainer: Trainer, *args, **kwargs) -> None:

@@ -463,15 +463,21 @@ def test_cli_a_run_without_optimizer_steps_fails_the_gate(tmp_path, capsys):
         def training_step(self, batch, batch_idx):
             self.manual_backward(super().training_step(batch, batch_idx) * float("nan"))
 
-    trainer(max_steps=-1, max_epochs=1, limit_train_batches=3, default_root_dir=tmp_path,
+    never, skipped = tmp_path / "never", tmp_path / "skipped"
+    trainer(max_steps=-1, max_epochs=1, limit_train_batches=3, default_root_dir=never,
             callbacks=[GradGuard(record=True)]).fit(NeverSteps(), digits_loader())
-    record = read_record(tmp_path)
-    assert record.finished and record.summary["steps"] == 0
-    for extra in ([], ["--allow-unfinished"], ["--fail-on", "none"]):
-        assert main([str(tmp_path), *extra]) == 2
-        captured = capsys.readouterr()
-        assert captured.err.startswith("gradguard: error: no optimizer step was recorded: the run finished without")
-        assert captured.err.count("\n") == 1 and "\nERROR: no optimizer step was recorded" in captured.out
+    # no training loop at all: Lightning runs no on_train_end, and the record was an empty file
+    trainer(max_steps=5, limit_train_batches=0, default_root_dir=skipped,
+            callbacks=[GradGuard(record=True)]).fit(DigitsMLP(), digits_loader())
+    for folder in (never, skipped):
+        record = read_record(folder)
+        assert record.finished and record.summary["steps"] == 0
+        for extra in ([], ["--allow-unfinished"], ["--fail-on", "none"]):
+            assert main([str(folder), *extra]) == 2
+            captured = capsys.readouterr()
+            assert captured.err.startswith("gradguard: error: no optimizer step was recorded: the run finished "
+                                           "without")
+            assert captured.err.count("\n") == 1 and "\nERROR: no optimizer step was recorded" in captured.out
 
 
 def test_cli_events_counted_by_the_summary_but_missing_from_the_record_fail(records, tmp_path, capsys):
