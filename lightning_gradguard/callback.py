@@ -391,24 +391,20 @@ class GradGuard(Callback):
         self.rollback_margin = check_number("rollback_margin", rollback_margin, low=0, integer=True)
         self.max_rollbacks = check_number("max_rollbacks", max_rollbacks, low=1, integer=True)
         if "rollback" in self.on_nonfinite + self.on_exploding:
-            # the kept snapshots span the last rollback_keep periods: the oldest is rollback_every x
-            # (rollback_keep - 1) to rollback_every x rollback_keep - 1 steps old (past the first periods)
-            span, floor = self.rollback_every * self.rollback_keep, self.rollback_every * (self.rollback_keep - 1)
-            if span <= self.rollback_margin:
-                raise ValueError(
-                    f"`rollback_margin={self.rollback_margin}` is out of reach: with rollback_every="
-                    f"{self.rollback_every} and rollback_keep={self.rollback_keep}, no kept snapshot is ever more "
-                    f"than {span - 1} steps old, so every rollback would be a skip. Raise rollback_every or "
-                    f"rollback_keep (rollback_every x (rollback_keep - 1) >= rollback_margin: always in reach), or "
-                    f"lower rollback_margin."
-                )
-            if floor < self.rollback_margin:
+            # in steady training, a bad step finds the kept snapshots (one per rollback_every, the last
+            # rollback_keep; none taken at a bad step) 1 + every x (keep - 1) to every x keep steps old
+            low, high = 1 + self.rollback_every * (self.rollback_keep - 1), self.rollback_every * self.rollback_keep
+            if low < self.rollback_margin:
+                reach = (f"never `rollback_margin={self.rollback_margin}` old: rollbacks find none and skip instead"
+                         if high < self.rollback_margin else
+                         f"so a rollback up to {self.rollback_margin - low} steps after a new snapshot finds none "
+                         f"`rollback_margin={self.rollback_margin}` old and skips instead")
                 warnings.warn(
                     f"GradGuard: with rollback_every={self.rollback_every} and rollback_keep={self.rollback_keep}, "
-                    f"the oldest kept snapshot is only {floor} to {span - 1} steps old: a rollback within "
-                    f"{self.rollback_margin - floor} steps of a new snapshot finds none `rollback_margin="
-                    f"{self.rollback_margin}` old and skips instead. rollback_every x (rollback_keep - 1) >= "
-                    f"rollback_margin keeps one always in reach.", UserWarning, stacklevel=2)
+                    f"the oldest kept snapshot is {low} to {high} steps old at a bad step in steady training, "
+                    f"{reach} (only the start's snapshot, and ones kept through a pause after bad steps, are "
+                    f"older). rollback_every x (rollback_keep - 1) >= rollback_margin - 1 keeps one always in reach.",
+                    UserWarning, stacklevel=2)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"`prefix` must be a non-empty string such as 'grad/', got {prefix!r}.")
         if prefix[-1].isalnum():
