@@ -37,7 +37,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradguard.actions import DeviceVerdict, LRScale, Snapshots, clip_, skip_
-from lightning_gradguard.config import check_choice, check_number, check_responses, unused_settings
+from lightning_gradguard.config import check_choice, check_number, check_responses, check_stop, unused_settings
 from lightning_gradguard.detectors import REPORT_ROWS, Code, DetectorConfig, LossTrend, Row, TrendDetector
 from lightning_gradguard.events import KINDS, GradEvent, GradientHealthError, Response
 from lightning_gradguard.sinks import GuardSink
@@ -148,8 +148,9 @@ class GradGuard(Callback):
     Args:
         on_nonfinite: response(s) to NaN/Inf gradients: a name or a sequence of
             names from ``"log"``, ``"alert"``, ``"skip"``, ``"reduce_lr"``,
-            ``"rollback"``, ``"stop"``, ``"raise"`` (``"stop"`` only together
-            with ``"skip"`` or ``"rollback"``: the stop comes after the step).
+            ``"rollback"``, ``"stop"``, ``"raise"`` (under ``sync="step"``,
+            ``"stop"`` only together with ``"skip"`` or ``"rollback"``: the stop
+            comes after the step).
         on_exploding: response(s) to a spike, sustained growth or a ceiling:
             any of the above or ``"clip"``.
         on_vanishing: response(s) to vanishing/dead layers: ``"log"``,
@@ -334,6 +335,8 @@ class GradGuard(Callback):
         self.on_exploding = check_responses("on_exploding", "exploding", on_exploding)
         self.on_vanishing = check_responses("on_vanishing", "vanishing", on_vanishing)
         self.sync = check_choice("sync", sync, ("step", "deferred"))
+        if sync == "step":
+            check_stop("on_nonfinite", on_nonfinite, self.on_nonfinite)
         if sync == "deferred" and "rollback" in self.on_nonfinite + self.on_exploding:
             raise ValueError(
                 "`sync='deferred'` cannot be combined with the 'rollback' response: the host learns of a bad step "

@@ -10,7 +10,7 @@ from typing import Any
 
 from lightning_gradguard.events import CONFLICTS, RESPONSES
 
-__all__ = ["check_number", "check_responses", "check_choice", "unused_settings"]
+__all__ = ["check_number", "check_responses", "check_choice", "check_stop", "unused_settings"]
 
 
 def _names(values) -> str:
@@ -39,14 +39,19 @@ def check_responses(arg: str, kind: str, value: Any) -> tuple[str, ...]:
         if pair <= set(out):
             a, b = sorted(pair)
             raise ValueError(f"`{arg}` got both {a!r} and {b!r}: {why}.")
-    if kind == "nonfinite" and "stop" in out and not {"skip", "rollback"} & set(out):
-        # the stop takes effect after the step: without a skip, the step's NaN/Inf update is applied first
-        fixed = ("skip", *out)
+    return tuple(out)
+
+
+def check_stop(arg: str, value: Any, responses: tuple[str, ...]) -> None:
+    """``"stop"`` for NaN/Inf without ``"skip"`` or ``"rollback"``: the stop takes effect after the step, whose
+    NaN/Inf update is applied first (under ``sync="step"``; ``sync="deferred"`` stops a step late anyway, and
+    its on-device skip needs a fused optimizer, which not every optimizer has)."""
+    if "stop" in responses and not {"skip", "rollback"} & set(responses):
+        fixed = ("skip", *responses)
         raise ValueError(
             f"`{arg}` got {value!r}: 'stop' ends the run after the step, so that step's NaN/Inf gradients still "
             f"reach the weights (and the last checkpoint). Add 'skip' to drop the step first: {arg}={fixed!r}."
         )
-    return tuple(out)
 
 
 def check_number(
