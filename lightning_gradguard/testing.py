@@ -260,14 +260,17 @@ def check_gradients(
             is ``GradReport.format()``: what, where, when, the numbers, the
             usual causes, the per-layer norms. ``err.events`` holds the events,
             ``err.report`` the :class:`GradReport`.
-        ValueError: ``max_steps`` below 1 or below ``vanish_patience``, an invalid
+        ValueError: ``max_steps`` below 1 or (vanishing raising) below ``vanish_patience``, an invalid
             :class:`GradGuard` argument, ``seed`` or ``trainer_kwargs``,
             ``max_steps`` in ``trainer_kwargs``, or a ``GradGuard`` in
             ``trainer_kwargs["callbacks"]`` (before training).
         RuntimeError: the run could not be checked: no optimizer step, steps the
-            guard itself failed on (internal errors), or a ``GradGuard`` from the
+            guard itself failed on (internal errors), a ``GradGuard`` from the
             module's ``configure_callbacks()`` that Lightning put in place of the
-            strict one. A fit that ends before ``max_steps`` warns.
+            strict one, or (vanishing raising) an optimizer that took fewer than
+            ``vanish_patience`` steps (a fit ended early; several optimizers
+            sharing ``max_steps``). A fit that ends before ``max_steps`` but after
+            ``vanish_patience`` steps warns.
     """
     __tracebackhide__ = True  # pytest: show the report, not this frame
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
@@ -288,7 +291,8 @@ def check_gradients(
     pl, guard_cls = _namespace(model)
     guard = guard_cls(**settings)
     patience = guard.config.vanish_patience
-    if max_steps < patience:
+    checks_vanishing = "raise" in guard.on_vanishing
+    if checks_vanishing and max_steps < patience:
         raise ValueError(
             f"`max_steps`={max_steps} is below `vanish_patience`={patience}: no layer could be found vanishing in "
             f"this run, and it would pass unchecked. Raise max_steps to at least {patience} ("
@@ -348,11 +352,23 @@ def check_gradients(
             f"check_gradients: {type(model).__name__} took no optimizer step (max_steps={max_steps}), so no "
             "gradient was checked. Is the dataloader empty, or does manual optimization never call `opt.step()`?"
         )
+    short = {i: w.counts["steps"] for i, w in sorted(guard._watches.items()) if w.counts["steps"] < patience}
+    if checks_vanishing and short:
+        several = len(guard._watches) > 1
+        took = ", ".join(f"optimizer {i}: {n}" for i, n in short.items()) if several else str(report.steps)
+        raise RuntimeError(
+            f"check_gradients: {type(model).__name__} took {took} optimizer steps, fewer than "
+            f"vanish_patience={patience}: no layer could be found vanishing, so this run cannot pass. "
+            + (f"max_steps={max_steps} counts the steps of all {len(guard._watches)} optimizers: raise it to "
+               f"{len(guard._watches)} x {patience} = {len(guard._watches) * patience} or more"
+               if several else "The fit ended early (trainer_kwargs' max_epochs or limit_train_batches, or the "
+               "dataloader): let it run longer")
+            + f", or pass vanish_patience (or on_vanishing='log' to leave vanishing unchecked)."
+        )
     if report.steps < max_steps:
         warnings.warn(
             f"check_gradients: {type(model).__name__} took {report.steps} optimizer steps of max_steps={max_steps} "
-            "(the fit ended early: trainer_kwargs' max_epochs or limit_train_batches, or the dataloader); a layer "
-            f"vanishing needs {guard.config.vanish_patience} steps to be caught.",
+            "(the fit ended early: trainer_kwargs' max_epochs or limit_train_batches, or the dataloader).",
             stacklevel=2,
         )
     return report

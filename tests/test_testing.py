@@ -191,10 +191,26 @@ def test_a_guard_from_configure_callbacks_replacing_the_strict_one_fails_with_th
         check_gradients(OwnGuard({3: "inf"}), digits_loader(), max_steps=15)
 
 
-def test_a_fit_ended_before_max_steps_warns():
-    with pytest.warns(UserWarning, match=r"took 3 optimizer steps of max_steps=50 .* vanishing needs 15 steps"):
-        report = check_gradients(DigitsMLP(), digits_loader(n=96), trainer_kwargs={"max_epochs": 1})
-    assert report.steps == 3
+def test_a_fit_ended_before_max_steps_warns_and_before_vanish_patience_fails():
+    with pytest.warns(UserWarning, match=r"took 20 optimizer steps of max_steps=50 \(the fit ended early"):
+        report = check_gradients(DigitsMLP(), digits_loader(n=640), trainer_kwargs={"max_epochs": 1})
+    assert report.steps == 20
+    # 3 steps: no layer could have been found vanishing (this passed with a warning)
+    with pytest.raises(RuntimeError, match=r"DigitsMLP took 3 optimizer steps, fewer than vanish_patience=15: no "
+                                           r"layer could be found vanishing, so this run cannot pass\. The fit ended "
+                                           r"early"):
+        check_gradients(DigitsMLP(), digits_loader(n=96), trainer_kwargs={"max_epochs": 1})
+    check_gradients(DigitsMLP(), digits_loader(n=96), trainer_kwargs={"max_epochs": 1}, on_vanishing="log")
+
+
+def test_several_optimizers_share_max_steps_and_each_must_reach_vanish_patience():
+    """Each ``opt.step()`` of manual optimization moves ``global_step``: with two optimizers, max_steps=25 gave each
+    13 steps, and a vanishing stack behind one of them passed."""
+    with pytest.raises(RuntimeError, match=r"TwoOptimizers took optimizer 0: 13, optimizer 1: 13 optimizer steps, "
+                                           r"fewer than vanish_patience=15.*max_steps=25 counts the steps of all 2 "
+                                           r"optimizers: raise it to 2 x 15 = 30 or more"):
+        check_gradients(TwoOptimizers(), digits_loader(), max_steps=25)
+    assert check_gradients(TwoOptimizers(), digits_loader(), max_steps=30).healthy
 
 
 def test_no_step_taken_is_an_error_not_a_pass():
@@ -274,7 +290,7 @@ class TwoOptimizers(pl.LightningModule):
     """An encoder and a decoder with an optimizer each (decoder second); at batch ``bad`` the gradient of
     ``dec.2`` alone holds an Inf."""
 
-    def __init__(self, bad: int) -> None:
+    def __init__(self, bad: int | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.enc = nn.Sequential(nn.Linear(64, 32), nn.Tanh())
