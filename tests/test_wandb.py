@@ -311,6 +311,19 @@ def test_histogram_patterns_that_match_no_layer_warn_once(fake, caplog):
                       "histogram is drawn for them. The layers are: net.0, net.2, net.4"]
     assert [sorted(k for k in row if k != "trainer/global_step") for row in fake.logged] == [["grad/opt1/hist/net.4"]]
 
+    class FrozenFirst(DigitsMLP):  # net.0 left out of the optimizer for now (BackboneFinetuning adds it later)
+        def configure_optimizers(self):
+            self.net[0].requires_grad_(False)
+            return torch.optim.SGD(self.net[1:].parameters(), lr=self.lr)
+
+    caplog.clear()
+    sink = WandbSink(pictures=False, histogram_layers=["net.0", "nope"], histogram_every_n_steps=4)
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        trainer(max_steps=4, callbacks=[GradGuard(sinks=[sink])]).fit(FrozenFirst(), digits_loader())
+    warned = [r.getMessage() for r in caplog.records if "histogram_layers" in r.getMessage()]
+    assert warned == ["GradGuard: WandbSink(histogram_layers=...): 'nope' matches no layer, so no histogram is drawn "
+                      "for it. The layers are: net.2, net.4, net.0"]  # net.0: a layer of the model, not a typo
+
 
 @pytest.mark.parametrize(
     "kwargs, match",

@@ -30,6 +30,7 @@ from lightning_gradguard.pictures import (
     norms_figure,
 )
 from lightning_gradguard.sinks import GuardSink
+from lightning_gradguard.stats import layer_name
 
 __all__ = ["WandbSink", "alert_text", "alert_title", "wandb_run"]
 
@@ -244,7 +245,7 @@ class WandbSink(GuardSink):
             together (see :class:`~lightning_gradguard.pictures.FlowHistory`).
         histogram_layers: layer names (``fnmatch`` patterns such as ``"encoder.*"``
             allowed) whose gradient histograms are logged; ``None``: none. A pattern
-            that matches no layer of any optimizer warns once (at the first step).
+            that matches no layer of the model warns once (at the first step).
         histogram_every_n_steps: histogram cadence in optimizer steps.
         histogram_bins: bins per histogram (1..512).
     """
@@ -345,7 +346,7 @@ class WandbSink(GuardSink):
             self._log_pictures(guard, optimizer, log_step)
         if self.histogram_layers:
             if not self._hist_checked and len(self._steps) >= len(trainer.optimizers):
-                self._check_patterns(guard)
+                self._check_patterns(guard, trainer)
             if n % self.histogram_every_n_steps == 0:
                 self._hist_due[optimizer] = True
             if self._hist_due.get(optimizer):
@@ -421,11 +422,17 @@ class WandbSink(GuardSink):
             "trainer/global_step": log_step,
         })
 
-    def _check_patterns(self, guard) -> None:
-        """Once every optimizer has stepped: a ``histogram_layers`` pattern that matches no layer of any of
-        them (a typo, another model's names) would draw nothing, without a word."""
+    def _check_patterns(self, guard, trainer) -> None:
+        """Once every optimizer has stepped: a ``histogram_layers`` pattern that matches no layer of the model (a
+        typo, another model's names) would draw nothing, without a word. Every layer of the model counts, the
+        ones no optimizer holds yet too (a backbone ``BackboneFinetuning`` adds as a param group later)."""
         self._hist_checked = True
         layers = [name for watch in getattr(guard, "_watches", {}).values() for name in watch.plan.layers]
+        module = getattr(trainer, "lightning_module", None)
+        if module is not None:
+            depth = getattr(guard, "group_depth", None)
+            layers += [n for n in dict.fromkeys(layer_name(p, depth) for p, _ in module.named_parameters())
+                       if n not in layers]
         unmatched = [p for p in self.histogram_layers if not any(fnmatch.fnmatchcase(n, p) for n in layers)]
         if unmatched:
             shown = ", ".join(layers[:8]) + (f", ... ({len(layers)} in all)" if len(layers) > 8 else "")
