@@ -434,9 +434,9 @@ class GradGuard(Callback):
                                  "pass one of them (a RecordSink in `sinks` takes the options).")
             sinks.append(RecordSink(None if record is True else record))
         self.sinks: list[GuardSink] = sinks
-        if wandb is not None and not isinstance(wandb, bool):  # not `in (None, True, False)`: 1 == True
+        if wandb is not None and not isinstance(wandb, (bool, np.bool_)):  # not `in (None, True, False)`: 1 == True
             raise ValueError(f"`wandb` must be None (automatic), True or False, got {wandb!r}.")
-        self.wandb = wandb
+        self.wandb = None if wandb is None else bool(wandb)
         defaults = {name: p.default for name, p in inspect.signature(GradGuard.__init__).parameters.items()}
         settings = {name: getattr(self, name) for name in ("lr_factor", "lr_cooldown", "lr_min_scale",
                     "lr_recover_after", "rollback_every", "rollback_keep", "rollback_margin", "max_rollbacks",

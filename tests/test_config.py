@@ -1,5 +1,6 @@
 """Every bad argument is refused at construction, naming the argument, the value and the fix."""
 
+import numpy as np
 import pytest
 
 from lightning_gradguard import GradGuard
@@ -110,6 +111,7 @@ def test_record_argument():
         GradGuard(wandb="yes")
     with pytest.raises(ValueError, match=r"`wandb` must be None \(automatic\), True or False, got 1"):
         GradGuard(wandb=1)  # 1 == True: it passed the old check
+    assert GradGuard(wandb=np.False_).wandb is False  # a numpy bool is a bool
 
 
 def test_a_setting_nothing_reads_is_reported(recwarn):
