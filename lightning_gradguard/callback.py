@@ -1967,6 +1967,10 @@ class GradGuard(Callback):
         nonfinite = 0.0
         if watch.detector.flags & Code.NONFINITE:
             nonfinite = float(((host[Row.CODE, 1:].astype(np.int64) & Code.NONFINITE) > 0).sum())
+        # a fp16 GradScaler's overflow: the scaler skips the step (nothing is applied) and lowers its scale. Its
+        # NaN/Inf norms are the scale's, not the model's (counted in amp_overflows): kept out of the charts and
+        # of the monitors (EarlyStopping ends a run on a non-finite value)
+        overflow = self._scaler is not None and bool(nonfinite or not math.isfinite(norm[0]))
         metrics: dict[str, float] = {k("norm_total"): norm[0], k("nonfinite_layers"): nonfinite}
         for kind, n in self._event_counts.items():
             metrics[k(f"events/{kind}")] = float(n)
@@ -2007,15 +2011,18 @@ class GradGuard(Callback):
                 metrics[keys[i]] = param_norm[i]
                 if math.isfinite(ratio[i]):
                     metrics[ratio_keys[i]] = ratio[i]
+        if overflow:
+            metrics = {key: value for key, value in metrics.items() if math.isfinite(value)}
         # handed over in on_train_batch_end, to ride along in Lightning's own logger call of the step
         # (see writes.py): a W&B call costs ~0.7 ms on the cold caches of a training step
         if self._unwritten and self._unwritten[-1][0] == log_step and not self._unwritten[-1][1].keys() & metrics.keys():
             self._unwritten[-1][1].update(metrics)  # several optimizers: one call per step
         else:
             self._unwritten.append((log_step, dict(metrics)))
-        live = self._callback_metrics if self._callback_metrics is not None else trainer.callback_metrics
-        # for EarlyStopping / ModelCheckpoint monitors; scalar_tensor: 14 us cold where torch.tensor takes 35
-        live[k("norm_total")] = torch.scalar_tensor(norm[0])
+        if not overflow:  # (an overflow step leaves the monitors the last step's norm)
+            live = self._callback_metrics if self._callback_metrics is not None else trainer.callback_metrics
+            # for EarlyStopping / ModelCheckpoint monitors; scalar_tensor: 14 us cold where torch.tensor takes 35
+            live[k("norm_total")] = torch.scalar_tensor(norm[0])
         return metrics
 
     def _hand_over(self, trainer: Trainer) -> None:

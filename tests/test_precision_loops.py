@@ -123,3 +123,29 @@ def test_manual_optimization_two_optimizers_separate_state_and_events(tmp_path):
     assert "grad/norm_total" not in rows[0]
     logged = {name: [int(r["step"]) for r in rows if r[f"grad/{name}/norm_total"]] for name in ("opt0", "opt1")}
     assert logged["opt0"] == logged["opt1"] == list(range(10))  # 20 optimizer steps, 10 batches
+
+
+def test_scaler_overflow_steps_log_no_nonfinite_norms(tmp_path):
+    """A fp16 GradScaler's overflow steps are the scaler's business (counted in ``grad/amp_overflows``, never
+    alarmed), but their NaN/Inf norms went to the loggers and to ``trainer.callback_metrics``: an
+    ``EarlyStopping(monitor="grad/norm_total")`` ended a healthy run at the first epoch ending on an overflow."""
+    import csv
+    import glob
+    import math
+
+    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.loggers import CSVLogger
+
+    guard = GradGuard()
+    stopper = EarlyStopping(monitor="grad/norm_total", mode="min", patience=100, check_on_train_epoch_end=True)
+    fit = trainer(max_steps=20, callbacks=[guard, stopper], plugins=[scaler_plugin()], logger=CSVLogger(tmp_path),
+                  log_every_n_steps=1)
+    # 3 steps per epoch; inputs x 1e3 at step 5 overflow fp16 at a scale of 2**16, at the second epoch's end
+    fit.fit(FaultyMLP({5: "spike"}), digits_loader(n=96))
+    assert guard._watches[0].counts["amp_overflows"] == 1 and guard.events == []
+    assert fit.global_step == 20  # not stopped by a NaN norm
+    (path,) = glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)
+    rows = list(csv.DictReader(open(path)))
+    assert len(rows) == 20 and all(row["grad/amp_overflows"] for row in rows)  # overflow steps still logged
+    assert all(math.isfinite(float(v)) for row in rows for key, v in row.items() if key.startswith("grad/") and v)
+    assert not rows[5]["grad/norm_total"] and float(rows[6]["grad/norm_total"]) > 0
