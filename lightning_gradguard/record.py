@@ -271,7 +271,19 @@ class RecordSink(GuardSink):
         try:
             self._on_fit_end(summary, guard)
         finally:
+            self._warn_if_gone()
             self.close()
+
+    def _warn_if_gone(self) -> None:
+        """The record's file deleted while the run wrote it (its folder removed, a cleanup job): the writes went
+        on into the unlinked file without an error, and the record is lost. Said once, at the end."""
+        try:
+            gone = os.fstat(self._file.fileno()).st_nlink == 0
+        except (OSError, ValueError):
+            return
+        if gone:
+            log.warning("GradGuard: the run record %s was deleted while the run was writing it (its folder removed?); "
+                        "the record is lost and `gradguard` cannot gate this run", self.path)
 
     def _on_fit_end(self, summary: dict, guard) -> None:
         if self._header is not None:  # no optimizer step ran

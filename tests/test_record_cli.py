@@ -602,3 +602,24 @@ def test_a_resumed_run_writes_the_events_before_the_resume_into_its_record(tmp_p
     assert main([str(path)]) == 1
     out = capsys.readouterr().out
     assert "FAIL: 1 event (nonfinite); first at step 5" in out and "the summary counts" not in out
+
+
+def test_a_record_deleted_mid_run_is_reported(tmp_path, caplog):
+    """The record's folder removed while the run writes it: the open file goes on taking the writes, unlinked,
+    and the record was lost without a word (the gate later says only "no such file")."""
+    import shutil
+
+    from lightning.pytorch import Callback
+
+    folder = tmp_path / "rec"
+
+    class Remove(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 5:
+                shutil.rmtree(folder)
+
+    guard = GradGuard(record=str(folder))
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard"):
+        trainer(max_steps=10, callbacks=[guard, Remove()]).fit(DigitsMLP(), digits_loader())
+    assert guard.internal_errors == 0 and not folder.exists()
+    assert f"the run record {folder / FILENAME} was deleted while the run was writing it" in caplog.text
