@@ -2031,7 +2031,7 @@ class GradGuard(Callback):
         if not self._unwritten:
             return
         unwritten, self._unwritten = self._unwritten, []
-        for logger in trainer.loggers:
+        for logger in _distinct(trainer.loggers):  # a logger listed twice gets the guard's metrics once
             shared = self._shared.get(id(logger))
             if id(logger) in self._failed_loggers:
                 continue  # the guard gave up writing there
@@ -2043,7 +2043,7 @@ class GradGuard(Callback):
     def _write_metrics(self, trainer: Trainer) -> None:
         """Write every metric not written yet, each logger with calls of its own."""
         unwritten, self._unwritten = self._unwritten, []
-        for logger in trainer.loggers:
+        for logger in _distinct(trainer.loggers):
             shared = self._shared.get(id(logger))
             queued = shared.queues.get(id(self)) if shared is not None else None
             if queued:
@@ -2298,6 +2298,11 @@ def _host_series(plan: LayerPlan, sums: LayerSums, flat: np.ndarray) -> dict[str
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
 _SMALL = 112  # up to this many layers, host work on them is cheaper in Python floats than in numpy (see detectors)
+
+
+def _distinct(loggers: Sequence[Any]) -> list[Any]:
+    """The Trainer's loggers, each once (``Trainer(logger=[csv, csv])`` lists one object twice)."""
+    return list({id(logger): logger for logger in loggers}.values())
 
 
 def _on_device(value: Any) -> bool:

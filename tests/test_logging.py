@@ -314,3 +314,15 @@ def test_skipped_steps_are_logged_under_rollback(tmp_path):
     rows = {int(r["step"]): r for r in csv.DictReader(open(path)) if r.get("grad/norm_total")}
     assert [e.actions for e in guard.events] == [("skip", "alert")]
     assert [float(rows[s]["grad/skipped_steps"]) for s in (3, 4, 7)] == [0, 1, 1]
+
+
+def test_a_logger_listed_twice_gets_the_guards_metrics_once(tmp_path):
+    """``Trainer(logger=[csv, csv])``: Lightning writes its own metrics twice, the guard queued its metrics once
+    per listing: a third row per step, the guard's keys in two of them."""
+    logger = KeySpy(tmp_path)  # DigitsMLP logs train_loss
+    trainer(max_steps=6, logger=[logger, logger], log_every_n_steps=1,
+            callbacks=[GradGuard(log_layers="none")]).fit(DigitsMLP(), digits_loader())
+    for step in range(6):
+        calls = [keys for s, keys in logger.calls if s == step]
+        assert sorted(map(sorted, calls)) == [["grad", "train_loss"], ["train_loss"]]  # as Lightning's own: twice
+    assert "log_metrics" not in vars(logger)
