@@ -85,10 +85,14 @@ def test_the_same_norms_events_and_thresholds_as_one_sync_per_step(tmp_path):
     for step in range(21):  # the same training up to the spike (clipped alike, but not necessarily by as much)
         assert float(deferred_rows[step]["grad/norm_total"]) == pytest.approx(float(step_rows[step]["grad/norm_total"]),
                                                                                  rel=1e-6, nan_ok=True)
-    # the global norm over its limit (the step's own spike threshold on both paths): scaled down to it alike, and
-    # with one sync per step a layer the global factor left over its own limit further (coef: the smallest factor)
+    # the global norm over its limit (the step's own spike threshold on both paths): scaled down to it by one
+    # factor on the device; one sync per step clips the layers over their own limits first, then, as far as the
+    # global norm is still over it, the whole step: down to that limit at most
     step_coef, deferred_coef = float(step_rows[20]["grad/clip_coef"]), float(deferred_rows[20]["grad/clip_coef"])
-    assert step_coef <= deferred_coef * (1 + 1e-5) and deferred_coef < 0.2
+    assert step_coef < 0.2 and deferred_coef < 0.2
+    limit = float(deferred_rows[20]["grad/norm_clipped"])
+    assert limit == pytest.approx(float(deferred_rows[20]["grad/norm_total"]) * deferred_coef, rel=1e-5)
+    assert float(step_rows[20]["grad/norm_clipped"]) <= limit * (1 + 1e-5)
     assert float(deferred_rows[7]["grad/skipped_steps"]) == 1 and float(deferred_rows[20]["grad/clipped_steps"]) == 1
 
 
