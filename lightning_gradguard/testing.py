@@ -352,18 +352,26 @@ def check_gradients(
             f"check_gradients: {type(model).__name__} took no optimizer step (max_steps={max_steps}), so no "
             "gradient was checked. Is the dataloader empty, or does manual optimization never call `opt.step()`?"
         )
-    short = {i: w.counts["steps"] for i, w in sorted(guard._watches.items()) if w.counts["steps"] < patience}
+    # every optimizer of the Trainer: one that never stepped has no watch (nothing of it was checked)
+    taken = {i: guard._watches[i].counts["steps"] if i in guard._watches else 0 for i in range(len(trainer.optimizers))}
+    short = {i: n for i, n in taken.items() if n < patience}
     if checks_vanishing and short:
-        several = len(guard._watches) > 1
+        several = len(taken) > 1
         took = ", ".join(f"optimizer {i}: {n}" for i, n in short.items()) if several else str(report.steps)
+        if report.steps < max_steps:
+            fix = ("The fit ended early (trainer_kwargs' max_epochs or limit_train_batches, or the dataloader): let "
+                   "it run longer")
+        elif 0 in short.values():
+            fix = (f"Optimizer {min(i for i, n in short.items() if not n)} never stepped: does training_step call "
+                   "its `opt.step()`? Leave it out of configure_optimizers if it is not trained")
+        else:  # max_steps counts the steps of every optimizer; each took its share
+            needed = -(-max_steps * patience // min(short.values()))  # ceil: the slowest one reaches patience
+            fix = (f"max_steps={max_steps} counts the steps of all {len(taken)} optimizers: raise it to {needed} "
+                   f"or more")
         raise RuntimeError(
             f"check_gradients: {type(model).__name__} took {took} optimizer steps, fewer than "
-            f"vanish_patience={patience}: no layer could be found vanishing, so this run cannot pass. "
-            + (f"max_steps={max_steps} counts the steps of all {len(guard._watches)} optimizers: raise it to "
-               f"{len(guard._watches)} x {patience} = {len(guard._watches) * patience} or more"
-               if several else "The fit ended early (trainer_kwargs' max_epochs or limit_train_batches, or the "
-               "dataloader): let it run longer")
-            + f", or pass vanish_patience (or on_vanishing='log' to leave vanishing unchecked)."
+            f"vanish_patience={patience}: no layer could be found vanishing, so this run cannot pass. {fix}, or "
+            "pass vanish_patience (or on_vanishing='log' to leave vanishing unchecked)."
         )
     if report.steps < max_steps:
         warnings.warn(

@@ -208,9 +208,22 @@ def test_several_optimizers_share_max_steps_and_each_must_reach_vanish_patience(
     13 steps, and a vanishing stack behind one of them passed."""
     with pytest.raises(RuntimeError, match=r"TwoOptimizers took optimizer 0: 13, optimizer 1: 13 optimizer steps, "
                                            r"fewer than vanish_patience=15.*max_steps=25 counts the steps of all 2 "
-                                           r"optimizers: raise it to 2 x 15 = 30 or more"):
+                                           r"optimizers: raise it to 29 or more"):
         check_gradients(TwoOptimizers(), digits_loader(), max_steps=25)
     assert check_gradients(TwoOptimizers(), digits_loader(), max_steps=30).healthy
+
+    class EncoderNeverSteps(TwoOptimizers):  # the encoder's gradients were never checked, and the check passed
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            enc_opt, dec_opt = self.optimizers()
+            dec_opt.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self.dec(self.enc(x)), y))
+            dec_opt.step()
+
+    with pytest.raises(RuntimeError, match=r"EncoderNeverSteps took optimizer 0: 0 optimizer steps, fewer than "
+                                           r"vanish_patience=15.*Optimizer 0 never stepped: does training_step call "
+                                           r"its `opt.step\(\)`\?"):
+        check_gradients(EncoderNeverSteps(), digits_loader(), max_steps=30)
 
 
 def test_no_step_taken_is_an_error_not_a_pass():
