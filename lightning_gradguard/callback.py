@@ -394,9 +394,11 @@ class GradGuard(Callback):
         self.rollback_margin = check_number("rollback_margin", rollback_margin, low=0, integer=True)
         self.max_rollbacks = check_number("max_rollbacks", max_rollbacks, low=1, integer=True)
         if "rollback" in self.on_nonfinite + self.on_exploding:
-            # in steady training, a bad step finds the kept snapshots (one per rollback_every, the last
-            # rollback_keep; none taken at a bad step) 1 + every x (keep - 1) to every x keep steps old
-            low, high = 1 + self.rollback_every * (self.rollback_keep - 1), self.rollback_every * self.rollback_keep
+            # in steady training, a rollback finds the kept snapshots (one per rollback_every, the last
+            # rollback_keep; none taken at a bad step) 1 + every x (keep - 1) (one at its first flagged step:
+            # growth) to every x keep + 1 steps old (one at the second bad step in a row, the first took none)
+            low = 1 + self.rollback_every * (self.rollback_keep - 1)
+            high = self.rollback_every * self.rollback_keep + 1
             if low < self.rollback_margin:
                 reach = (f"never `rollback_margin={self.rollback_margin}` old: rollbacks find none and skip instead"
                          if high < self.rollback_margin else
@@ -404,7 +406,7 @@ class GradGuard(Callback):
                          f"`rollback_margin={self.rollback_margin}` old and skips instead")
                 warnings.warn(
                     f"GradGuard: with rollback_every={self.rollback_every} and rollback_keep={self.rollback_keep}, "
-                    f"the oldest kept snapshot is {low} to {high} steps old at a bad step in steady training, "
+                    f"the oldest kept snapshot is {low} to {high} steps old at a rollback in steady training, "
                     f"{reach} (only the start's snapshot, and ones kept through a pause after bad steps, are "
                     f"older). rollback_every x (rollback_keep - 1) >= rollback_margin - 1 keeps one always in reach.",
                     UserWarning, stacklevel=2)

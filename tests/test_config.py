@@ -131,11 +131,11 @@ def test_a_setting_nothing_reads_is_reported(recwarn):
         GradGuard(log_layers="all", top_k=3)
     # rollback settings that leave no snapshot rollback_margin old (most of the time, or some of it)
     with pytest.warns(UserWarning, match=r"with rollback_every=5 and rollback_keep=2, the oldest kept snapshot is 6 "
-                      r"to 10 steps old at a bad step in steady training, never `rollback_margin=30` old: rollbacks "
+                      r"to 11 steps old at a rollback in steady training, never `rollback_margin=30` old: rollbacks "
                       r"find none and skip instead"):
         GradGuard(on_nonfinite=("rollback", "alert"), rollback_every=5, rollback_margin=30)
     with pytest.warns(UserWarning, match=r"with rollback_every=50 and rollback_keep=1, the oldest kept snapshot is 1 "
-                      r"to 50 steps old at a bad step in steady training, so a rollback up to 9 steps after a new "
+                      r"to 51 steps old at a rollback in steady training, so a rollback up to 9 steps after a new "
                       r"snapshot finds none `rollback_margin=10` old"):
         GradGuard(on_exploding=("rollback", "alert"), rollback_keep=1)
     recwarn.clear()
