@@ -566,6 +566,14 @@ class GradGuard(Callback):
                         f"without it. Create it with fused=True (torch.optim.Adam, AdamW, SGD, Adagrad), or use "
                         f"sync='step', or drop 'skip' from on_nonfinite / on_exploding (NaN then reaches the weights)."
                     )
+        elif (self.sync == "deferred" and "stop" in self.on_nonfinite and "skip" not in self.on_nonfinite
+              and trainer.optimizers and all(DeviceVerdict.supported(o) for o in trainer.optimizers)):
+            # taken at construction for optimizers that cannot skip on the device; these can
+            raise ValueError(
+                f"`on_nonfinite={self.on_nonfinite!r}` with sync='deferred': the stop comes a step late, after that "
+                f"step's NaN/Inf update (and the next) reached the weights and a last checkpoint. The optimizers "
+                f"are fused, so the device can skip the step: on_nonfinite={('skip', *self.on_nonfinite)!r}."
+            )
         self._trainer = weakref.ref(trainer)
         self._module = weakref.ref(pl_module)
         # the optimizers' count decides the logged keys (opt<i>/) from the first step on: the first watch

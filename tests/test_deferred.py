@@ -152,6 +152,19 @@ def test_a_plain_optimizer_is_refused_when_a_skip_is_asked_for_and_clipped_by_a_
     assert after.total[20] == pytest.approx(float(row["grad/norm_total"]) * float(row["grad/clip_coef"]), rel=1e-4)
 
 
+def test_a_stop_without_skip_is_refused_where_the_optimizers_could_skip():
+    """``on_nonfinite=("stop", "alert")`` with ``sync="deferred"``: the stop comes a step late, after the NaN update
+    (and the next) reached the weights. Taken at construction, for optimizers that cannot skip on the device; with
+    fused ones, which can, refused at the start of the fit."""
+    guard = GradGuard(sync="deferred", on_nonfinite=("stop", "alert"))
+    with pytest.raises(ValueError, match=r"`on_nonfinite=\('stop', 'alert'\)` with sync='deferred': the stop comes a "
+                                         r"step late.*on_nonfinite=\('skip', 'stop', 'alert'\)"):
+        trainer(max_steps=3, callbacks=[guard]).fit(FusedMLP({}), digits_loader())
+    guard = GradGuard(sync="deferred", on_nonfinite=("stop", "alert"), on_exploding="log")  # Adam, not fused
+    trainer(max_steps=3, callbacks=[guard]).fit(FaultyMLP({}), digits_loader())
+    assert guard._watches[0].counts["steps"] == 3
+
+
 def test_bad_settings_are_refused_at_construction():
     with pytest.raises(ValueError, match=r"`sync` must be one of 'step', 'deferred', got 'async'"):
         GradGuard(sync="async")
