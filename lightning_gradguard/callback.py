@@ -1860,10 +1860,11 @@ class GradGuard(Callback):
         return np.where(np.isnan(limit), np.inf, limit)
 
     def _clip(self, optimizer, watch: _Watch, host: np.ndarray) -> tuple[float, float | None]:
-        """Clip to the adaptive thresholds: each layer over its own limit down to it, then, if the global norm
-        is still over its limit, every gradient by the global factor. Layers first: a small layer whose spike is
-        the global one (a logit scale) is cut to its own limit, which the global factor alone left it 8x over
-        (its update flipped the logits' sign), and the healthy layers are not cut for a spike already gone.
+        """Clip to the adaptive threshold: globally if the global norm is over it, then each layer still over its
+        own (a small layer whose spike is the global one: the global factor left a logit scale 8x its limit, and
+        its update flipped the logits' sign); else the flagged layers alone. Global first, although the layer
+        clip alone may have brought the global norm under its limit: the stronger clip is what contains a
+        divergence (layers first ended the rescue benchmark's LR-too-high run at 4e3 x the twin, not 8x).
         Returns the smallest factor any gradient was multiplied by (1.0: none) and, where layers were
         clipped, the global norm after the clip (else ``None``: the norm times that factor)."""
         norm, limit = host[Row.NORM], self._capped(watch, host[Row.SPIKE_AT].copy())
@@ -1872,23 +1873,26 @@ class GradGuard(Callback):
             # no history yet (first steps): bound the gradient by the weights' own scale
             limit[0] = min(limit[0], self.config.max_grad_weight_ratio * norm[0] / ratio)
         over = np.isfinite(norm) & (norm > limit)
-        layers = np.flatnonzero(over[1:])
-        factor = np.ones(len(norm) - 1)
-        factor[layers] = limit[1:][layers] / norm[1:][layers]
-        # host floats we already hold (no sync); the layers partition the gradients
-        after = float(np.sqrt(np.sum(np.square(norm[1:] * factor)))) if len(layers) else float(norm[0])
-        coef = float(limit[0] / after) if over[0] and after > limit[0] else 1.0
-        if coef == 1.0 and not len(layers):
-            return 1.0, None
-        if coef < 1.0:  # the coefficient is a host float we already hold: no further sync
+        coef = 1.0
+        if over[0]:
+            coef = float(limit[0] / norm[0])
+            # the coefficient is a host float we already hold: no further sync
             clip_(watch.plan.params, torch.tensor(coef))
+            over[1:] &= norm[1:] * coef > limit[1:]  # the layers the global factor left over their own limits
+            if not over[1:].any():
+                watch.counts["clipped"] += 1
+                return coef, None
+        layers = np.flatnonzero(over[1:])
+        if not len(layers):
+            return 1.0, None
+        factor = np.full(len(norm) - 1, coef)
+        factor[layers] = limit[1:][layers] / norm[1:][layers]
         for j in layers:
             params = [p for p, l in zip(watch.plan.params, watch.plan.layer_of_param) if l == j]
-            clip_(params, torch.tensor(float(factor[j])))
+            clip_(params, torch.tensor(float(factor[j] / coef)))
         watch.counts["clipped"] += 1
-        if not len(layers):
-            return coef, None
-        return coef * float(factor[layers].min()), coef * after
+        # host floats we already hold (no sync); the layers partition the gradients
+        return float(factor[layers].min()), float(np.sqrt(np.sum(np.square(norm[1:] * factor))))
 
     def _reduce_lr(self, watch: _Watch, step: int, rolled_back: bool = False) -> bool:
         """Multiply the LR scale by ``lr_factor`` (cooldown, floor). Right after a rollback there is

@@ -86,8 +86,8 @@ def test_the_same_norms_events_and_thresholds_as_one_sync_per_step(tmp_path):
         assert float(deferred_rows[step]["grad/norm_total"]) == pytest.approx(float(step_rows[step]["grad/norm_total"]),
                                                                                  rel=1e-6, nan_ok=True)
     # the global norm over its limit (the step's own spike threshold on both paths): scaled down to it by one
-    # factor on the device; one sync per step clips the layers over their own limits first, then, as far as the
-    # global norm is still over it, the whole step: down to that limit at most
+    # factor on the device; one sync per step applies the same factor, then clips a layer it left over its own
+    # limit further: down to that limit at most
     step_coef, deferred_coef = float(step_rows[20]["grad/clip_coef"]), float(deferred_rows[20]["grad/clip_coef"])
     assert step_coef < 0.2 and deferred_coef < 0.2
     limit = float(deferred_rows[20]["grad/norm_clipped"])
