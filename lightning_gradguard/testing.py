@@ -269,7 +269,7 @@ def check_gradients(
             module's ``configure_callbacks()`` that Lightning put in place of the
             strict one, or (vanishing raising) an optimizer that took fewer than
             ``vanish_patience`` steps (a fit ended early; several optimizers
-            sharing ``max_steps``). A fit that ends before ``max_steps`` but after
+            sharing ``max_steps``; one that never stepped). A fit that ends before ``max_steps`` but after
             ``vanish_patience`` steps warns.
     """
     __tracebackhide__ = True  # pytest: show the report, not this frame

@@ -345,7 +345,7 @@ class WandbSink(GuardSink):
         if self.pictures and self.recorder.add(optimizer, step, log_step, layers, norms):
             self._log_pictures(guard, optimizer, log_step)
         if self.histogram_layers:
-            if not self._hist_checked and len(self._steps) >= len(trainer.optimizers):
+            if not self._hist_checked and len(self._steps) >= len(getattr(trainer, "optimizers", ())):
                 self._check_patterns(guard, trainer)
             if n % self.histogram_every_n_steps == 0:
                 self._hist_due[optimizer] = True
