@@ -844,6 +844,15 @@ class GradGuard(Callback):
                 self._slack = 0.5 * math.log10(self._usual_samples / samples)
         return self._slack
 
+    def _growth_gate(self) -> bool:
+        """Growth counts only while the loss rises (norms also grow in healthy phases). Without a loss to read
+        (manual optimization whose ``training_step`` returns nothing), or with several optimizers, whose players
+        pull against each other (a GAN: whatever ``training_step`` returns rises in healthy training, and the
+        generator's gradients grow as the discriminator learns), nothing says a growth is a divergence: the gate
+        stays shut (it was open: a GAN's generator got 2-4 growth events early on and was clipped 10-80x for the
+        rest of the run, its anchors never loosened). Spikes, NaN/Inf and the ceilings are still caught."""
+        return self._n_optimizers <= 1 and bool(self._loss.worsening())
+
     def _analyse(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer,
                  watch: _Watch, info: _StepInfo, series: dict, applied: tuple[float, bool] | None = None,
                  flight: _InFlight | None = None) -> None:
@@ -860,7 +869,7 @@ class GradGuard(Callback):
             series["norm"], series["present"], series["nonfinite"],
             converged=self._loss.converged(),
             update_ratio=series.get("update_ratio"),
-            worsening=self._loss.worsening(),
+            worsening=self._growth_gate(),
             weight_norm=series.get("weight"),
             lists=True,
             slack=info.slack,

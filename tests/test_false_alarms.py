@@ -303,3 +303,53 @@ def test_a_change_of_the_accumulation_count_is_no_jump_of_the_loss(seed):
     assert guard.summary()["clipped_fraction"] == 0.0
     warmup = guard.config.warmup_steps
     assert guard._loss.first == pytest.approx(np.mean(model.losses[:warmup]), rel=1e-5)  # not 1/32 of it
+
+
+class RingGAN(pl.LightningModule):
+    """Lightning's documented GAN pattern: manual optimization, two optimizers, ``training_step`` returns
+    nothing. WGAN-GP on a ring of 8 Gaussians (2-D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.G = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+        self.D = nn.Sequential(nn.Linear(2, 64), nn.LeakyReLU(0.2), nn.Linear(64, 64), nn.LeakyReLU(0.2),
+                               nn.Linear(64, 1))
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        opt_g, opt_d = self.optimizers()
+        fake = self.G(torch.randn(x.shape[0], 8))
+        d_loss = self.D(fake.detach()).mean() - self.D(x).mean()
+        a = torch.rand(x.shape[0], 1)
+        mixed = (a * x + (1 - a) * fake.detach()).requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.D(mixed).sum(), mixed, create_graph=True)
+        d_loss = d_loss + 10 * ((grad.norm(dim=1) - 1) ** 2).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        opt_g.zero_grad()
+        self.manual_backward(-self.D(fake).mean())
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return (torch.optim.Adam(self.G.parameters(), lr=1e-3, betas=(0.0, 0.9)),
+                torch.optim.Adam(self.D.parameters(), lr=1e-3, betas=(0.0, 0.9)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_gans_generator_growing_as_the_discriminator_learns_is_no_divergence(seed):
+    """Without a loss to read (or with several optimizers, whose players pull against each other) the growth gate
+    was open: the generator's gradients grow as the discriminator learns, 2-4 growth events came within the first
+    ~60 steps, and the anchors, which only a falling loss loosens, clipped every generator step 10-80x for the
+    rest of the run."""
+    g = torch.Generator().manual_seed(77 + seed)
+    angle = torch.randint(0, 8, (4096,), generator=g).float() * 2 * np.pi / 8
+    ring = torch.stack([2 * angle.cos(), 2 * angle.sin()], 1) + 0.05 * torch.randn(4096, 2, generator=g)
+    pl.seed_everything(seed, verbose=False)
+    guard = GradGuard()
+    trainer(max_steps=600, max_epochs=-1, callbacks=[guard]).fit(
+        RingGAN(), DataLoader(TensorDataset(ring), batch_size=64, shuffle=True, generator=g))
+    assert guard.summary()["steps"] == 600
+    assert [(e.step, e.reason, e.layer) for e in guard.events] == []
+    assert guard.summary()["clipped_fraction"] == 0.0
