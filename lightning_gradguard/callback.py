@@ -1539,7 +1539,7 @@ class GradGuard(Callback):
                 f"{int(absent[hit[0]])} "
                 f"steps in a row, although {'they require' if several else 'it requires'} grad and "
                 f"{'are' if several else 'is'} in the optimizer: cut off from the loss (unused in forward, behind "
-                ".detach() or torch.no_grad()?), not trained")
+                ".detach() or torch.no_grad(), an expert the router sends no tokens to?), not trained")
         return [self._event(watch, step, "vanishing", "no_grad", hit, float(absent[hit[0]]), float(patience), text)]
 
     def _vanishing(self, watch: _Watch, host: np.ndarray, step: int, new: np.ndarray, flagged: np.ndarray) -> GradEvent:

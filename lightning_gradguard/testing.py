@@ -96,7 +96,9 @@ HINTS: dict[str, str] = {
     ),
     "no_grad": (
         "A layer that requires grad and is in the optimizer but gets no gradient at all is cut off from the loss: "
-        "it is unused in forward (a layer built but forgotten, a branch never taken), its output goes through "
+        "it is unused in forward (a layer built but forgotten, a branch never taken, a mixture-of-experts expert "
+        "the router has stopped sending tokens to: collapsed routing, which a load-balancing loss prevents), its "
+        "output goes through "
         ".detach() or is computed under torch.no_grad(), or its parameters were replaced by copies after the "
         "optimizer was built. If it is meant to be frozen, set requires_grad=False (or leave it out of the "
         "optimizer)."
